@@ -1,0 +1,1 @@
+"""Benchmarks of the Sparse Flows engine against dense and sparse peers."""

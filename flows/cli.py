@@ -1,0 +1,287 @@
+"""The ``sparseflow`` command line: train, prune, eval, sample, report, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flows.presets import PRESETS, load_config_file, parse_assignment
+from flows.prune import PRUNE_METHODS
+
+DEMO_SETTINGS = {"cycles": 4, "iters": 150, "prune_ratio": 0.3}
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, pruning: bool) -> None:
+    p.add_argument(
+        "--dataset",
+        default="gaussians",
+        choices=sorted(PRESETS),
+        help="dataset; its preset holds the paper's hyperparameters",
+    )
+    p.add_argument("--out", required=True, help="run directory")
+    if pruning:
+        p.add_argument("--method", choices=PRUNE_METHODS, default="unstructured")
+        p.add_argument(
+            "--prune-ratio",
+            type=float,
+            default=None,
+            help="fraction of the remaining weights pruned per cycle (preset: Table S1-S3)",
+        )
+        p.add_argument(
+            "--cycles", type=int, default=8, help="prune cycles after the dense warm start"
+        )
+        p.add_argument(
+            "--target-ratio",
+            type=float,
+            default=None,
+            help="stop once this overall prune ratio is reached",
+        )
+        p.add_argument(
+            "--patience",
+            type=int,
+            default=None,
+            help="stop after this many cycles without a better validation loss",
+        )
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="training iterations per cycle (default: the preset's epochs x --budget)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="scale the preset's epochs per cycle, e.g. 0.1 for a quick look",
+    )
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--data-root", default=None, help="directory of the tabular / image files")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    p.add_argument(
+        "--config", default=None, help="YAML or JSON file of overrides (nested like config.json)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set train.lr=1e-3 --set model.hidden=[64,64]",
+    )
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace, pruning: bool) -> dict[str, Any]:
+    """Preset <- --config file <- named flags <- --set assignments."""
+    from flows.pipeline import build_config
+
+    overrides: dict[str, Any] = {}
+    if args.config:
+        overrides = load_config_file(args.config)
+    run: dict[str, Any] = {}
+    for key in ("iters", "budget", "seed", "data_root", "dtype"):
+        if getattr(args, key) is not None:
+            run[key] = getattr(args, key)
+    if pruning:
+        run.update(
+            method=args.method,
+            cycles=args.cycles,
+            target_ratio=args.target_ratio,
+            patience=args.patience,
+        )
+        if args.prune_ratio is not None:
+            overrides = merge_free(overrides, {"prune": {"prune_ratio": args.prune_ratio}})
+    else:
+        run["cycles"] = 0
+    overrides = merge_free(overrides, {"run": run})
+    for assignment in args.set:
+        overrides = merge_free(overrides, parse_assignment(assignment))
+    return build_config(args.dataset, overrides)
+
+
+def merge_free(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Merge override dicts without checking keys (checked when applied to the preset)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge_free(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def _run(args: argparse.Namespace, pruning: bool) -> list[dict[str, Any]]:
+    from flows.pipeline import run_pipeline
+    from flows.report import results_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = config_from_args(args, pruning)
+    rows = run_pipeline(config, args.out, resume=args.resume, progress=not args.no_progress)
+    print(results_table(rows, config))
+    print(f"results: {Path(args.out) / 'results.json'}, report: {Path(args.out) / 'results.md'}")
+    return rows
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.pipeline import Task, load_cycle_model, read_results
+
+    model, config, data = load_cycle_model(args.run, args.cycle)
+    cycle = args.cycle if args.cycle is not None else read_results(args.run)[-1]["cycle"]
+    if args.exact is not None:
+        config["eval"]["exact"] = args.exact
+    task = Task(config, data)
+    metrics = {split: task.evaluate(model, split) for split in args.splits}
+    result = {"run": str(args.run), "cycle": cycle, **metrics}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def cmd_sample(args: argparse.Namespace) -> Path:
+    from flows.pipeline import load_cycle_model
+
+    model, config, _ = load_cycle_model(args.run, args.cycle)
+    if config["task"] != "density":
+        raise SystemExit(f"run {args.run} is a {config['task']} run; only density flows sample")
+    x = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if x.dim() != 2 or x.shape[1] != 2:
+            raise SystemExit("PNG output is for 2D data; use a .pt file for other shapes")
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
+        ax.set_aspect("equal")
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+    else:
+        torch.save(x, out)
+    print(f"{args.n} samples -> {out}")
+    return out
+
+
+def cmd_report(args: argparse.Namespace) -> Path:
+    from flows.report import render_report
+
+    path = render_report(args.runs, args.out)
+    print(path.read_text())
+    print(f"report: {path}")
+    return path
+
+
+def cmd_demo(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
+    """Gaussians, unstructured then structured, sharing one dense warm start."""
+    from flows.pipeline import build_config, run_pipeline
+    from flows.report import render_report, results_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    all_rows = []
+    warm = None
+    for method in PRUNE_METHODS:
+        config = build_config(
+            "gaussians",
+            {
+                "run": {
+                    "method": method,
+                    "cycles": args.cycles,
+                    "iters": args.iters,
+                    "seed": args.seed,
+                },
+                "prune": {"prune_ratio": args.prune_ratio},
+            },
+        )
+        run_dir = out / method
+        rows = run_pipeline(
+            config, run_dir, resume=args.resume, warm_start=warm, progress=not args.no_progress
+        )
+        warm = out / "unstructured" / "checkpoints" / "cycle_000.pt"
+        print(f"\n## gaussians, {method} pruning\n")
+        print(results_table(rows, config))
+        all_rows.append(rows)
+    report = render_report([out / m for m in PRUNE_METHODS], out)
+    print(
+        f"report: {report} (per-run plots in {out}/<method>/plots/); "
+        f"{time.perf_counter() - t0:.0f} s in all"
+    )
+    return all_rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparseflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a dense model (the pipeline's warm start only)")
+    _add_run_arguments(p, pruning=False)
+    p = sub.add_parser(
+        "prune", help="train, then prune and retrain for several cycles (Algorithm 1)"
+    )
+    _add_run_arguments(p, pruning=True)
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--cycle", type=int, default=None, help="cycle (default: the last)")
+    p.add_argument("--splits", nargs="+", default=["test"], choices=("train", "val", "test"))
+    p.add_argument(
+        "--exact",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="exact trace (default: as configured)",
+    )
+
+    p = sub.add_parser("sample", help="draw samples from a run's density flow")
+    p.add_argument("--run", required=True)
+    p.add_argument("--cycle", type=int, default=None)
+    p.add_argument("-n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help=".png (2D scatter) or .pt (tensor) file")
+
+    p = sub.add_parser("report", help="markdown table and plots over one or more runs")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", required=True, help="report directory")
+
+    p = sub.add_parser("demo", help="the main job: gaussians, unstructured and structured pruning")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--cycles", type=int, default=DEMO_SETTINGS["cycles"])
+    p.add_argument("--iters", type=int, default=DEMO_SETTINGS["iters"], help="iterations per cycle")
+    p.add_argument("--prune-ratio", type=float, default=DEMO_SETTINGS["prune_ratio"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("train", "prune"):
+            _run(args, pruning=args.command == "prune")
+        elif args.command == "eval":
+            cmd_eval(args)
+        elif args.command == "sample":
+            cmd_sample(args)
+        elif args.command == "report":
+            cmd_report(args)
+        elif args.command == "demo":
+            cmd_demo(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"sparseflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""Algorithm 1 of the paper: dense warm start, then prune + retrain cycles.
+
+A run lives in one directory::
+
+    DIR/config.json               the resolved configuration
+    DIR/results.json              one row per finished cycle (rewritten atomically)
+    DIR/results.md                the same as a markdown table
+    DIR/checkpoints/cycle_KKK.pt  model (with masks) after cycle K
+    DIR/checkpoints/train_cycle_KKK.pt  in-cycle training state, removed when the cycle ends
+    DIR/plots/*.png               NLL against prune ratio, densities per cycle
+
+Each cycle seeds its own randomness from (seed, cycle), so a run resumed after
+a kill gives the same results.json as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flows.checkpoint import load_checkpoint, save_atomic, write_text_atomic
+from flows.cnf import CNF, SequentialFlow
+from flows.datasets import (
+    IMAGE_DATASETS,
+    TABULAR_DATASETS,
+    TOY_DATASETS,
+    load_image_dataset,
+    load_tabular,
+    toy_classification,
+    toy_data,
+)
+from flows.likelihood import LogitTransform, bits_per_dim, dequantize, nll_nats
+from flows.neural_ode import ODEClassifier
+from flows.odenet import ConvODEnet, ODEnet
+from flows.presets import get_preset, merge
+from flows.prune import PRUNE_METHODS, ensure_masks, prune_, sparsity
+from flows.train import TrainConfig, exact_divergence, fit
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+RESULT_FIELDS = (
+    "cycle",
+    "prune_ratio",
+    "kept_fraction",
+    "nonzero_params",
+    "train_nll",
+    "val_nll",
+    "test_nll",
+    "nfe_forward",
+    "nfe_backward",
+    "seconds",
+)
+RUN_DEFAULTS: dict[str, Any] = {
+    "dataset": "gaussians",
+    "method": "unstructured",
+    "cycles": 8,
+    "target_ratio": None,
+    "patience": None,
+    "seed": 0,
+    "budget": 1.0,
+    "iters": None,
+    "data_root": None,
+    "dtype": "float32",
+    "eval_samples": 2048,
+}
+
+
+def build_config(dataset: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The preset for ``dataset`` with a ``run`` section, merged with ``overrides``.
+
+    ``overrides`` is a nested dict of the same shape (e.g. ``{"run": {"cycles":
+    3}, "train": {"lr": 1e-3}}``); unknown keys are errors.
+    """
+    config = get_preset(dataset)
+    config["run"] = dict(RUN_DEFAULTS, dataset=dataset)
+    config = merge(config, overrides or {})
+    validate_config(config)
+    return config
+
+
+def validate_config(config: dict[str, Any]) -> None:
+    run = config["run"]
+    if run["method"] not in PRUNE_METHODS:
+        raise ValueError(f"run.method={run['method']!r}; expected one of {PRUNE_METHODS}")
+    if not 0 < config["prune"]["prune_ratio"] < 1:
+        raise ValueError(
+            f"prune.prune_ratio must lie in (0, 1), got {config['prune']['prune_ratio']}"
+        )
+    if run["cycles"] < 0:
+        raise ValueError(f"run.cycles must be >= 0, got {run['cycles']}")
+    if not run["budget"] > 0:
+        raise ValueError(f"run.budget must be positive, got {run['budget']}")
+    if run["iters"] is not None and run["iters"] < 1:
+        raise ValueError(f"run.iters must be >= 1, got {run['iters']}")
+    if run["dtype"] not in DTYPES:
+        raise ValueError(f"run.dtype={run['dtype']!r}; expected one of {sorted(DTYPES)}")
+    if run["patience"] is not None and run["patience"] < 1:
+        raise ValueError(f"run.patience must be >= 1 (or null to disable), got {run['patience']}")
+
+
+@dataclass
+class RunData:
+    """Splits of one dataset; ``y_*`` are labels for classification, else None."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    y_train: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
+    levels: int | None = None  # intensity levels for images (bits/dim), else None
+
+
+def load_run_data(config: dict[str, Any]) -> RunData:
+    """Load the dataset a config names, split into train / val / test."""
+    run, data = config["run"], config["data"]
+    name, dtype, seed = run["dataset"], DTYPES[run["dtype"]], run["seed"]
+    if config["task"] == "classification":
+        n = data["n_train"] + data["n_val"] + data["n_test"]
+        x, y = toy_classification(name, n, seed=seed)
+        x = x.to(dtype)
+        a, b = data["n_train"], data["n_train"] + data["n_val"]
+        return RunData(x[:a], x[a:b], x[b:], y[:a], y[a:b], y[b:])
+    if name in TOY_DATASETS:
+        # One draw, normalised once, then split: the splits share the normalisation.
+        n = data["n_train"] + data["n_val"] + data["n_test"]
+        x = toy_data(name, n, seed=seed, dtype=dtype)
+        a, b = data["n_train"], data["n_train"] + data["n_val"]
+        return RunData(x[:a], x[a:b], x[b:])
+    if name in TABULAR_DATASETS:
+        if run["data_root"] is None:
+            raise ValueError(f"run.data_root (--data-root) is required for {name!r}")
+        d = load_tabular(name, run["data_root"], dtype=dtype)
+        return RunData(d.train, d.val, d.test)
+    if name in IMAGE_DATASETS:
+        d = load_image_dataset(name, run["data_root"], dtype=dtype)
+        n_val = max(1, d.train.shape[0] // 10)
+        return RunData(d.train[:-n_val], d.train[-n_val:], d.test, levels=d.levels)
+    raise ValueError(f"no loader for dataset {name!r}")
+
+
+def build_model(config: dict[str, Any], data: RunData) -> nn.Module:
+    """A fresh model for the config's task and the data's shape."""
+    m = config["model"]
+    dtype = DTYPES[config["run"]["dtype"]]
+    solver = {"solver": m["solver"], "atol": m["atol"], "rtol": m["rtol"], "adjoint": m["adjoint"]}
+    if config["task"] == "classification":
+        n_classes = int(data.y_train.max()) + 1
+        model: nn.Module = ODEClassifier(
+            data.train.shape[1],
+            n_classes,
+            m["hidden"],
+            activation=m["activation"],
+            time=m["time"],
+            T=m["T"],
+            **solver,
+        )
+        return model.to(dtype)
+    cnf_kw = {
+        "divergence": m["divergence"],
+        "noise": m["noise"],
+        "T": m["T"],
+        "train_T": m["train_T"],
+        **solver,
+    }
+    if m["kind"] == "conv":
+        shape = tuple(data.train.shape[1:])
+        blocks: list[nn.Module] = [LogitTransform(m["alpha"])]
+        blocks += [
+            CNF(ConvODEnet(shape, m["hidden"], activation=m["activation"]), **cnf_kw)
+            for _ in range(m["blocks"])
+        ]
+        return SequentialFlow(blocks).to(dtype)
+    dim = data.train.shape[1]
+    cnfs = [
+        CNF(ODEnet(dim, m["hidden"], time=m["time"], activation=m["activation"]), **cnf_kw)
+        for _ in range(m["blocks"])
+    ]
+    model = cnfs[0] if len(cnfs) == 1 else SequentialFlow(cnfs)
+    return model.to(dtype)
+
+
+class Task:
+    """Loss and evaluation for one config: NLL (nats), bits/dim, or cross-entropy."""
+
+    def __init__(self, config: dict[str, Any], data: RunData) -> None:
+        self.config, self.data = config, data
+        self.classification = config["task"] == "classification"
+        self.images = data.levels is not None
+        self.dims = math.prod(data.train.shape[1:])
+
+    @property
+    def train_tensors(self) -> tuple[torch.Tensor, ...]:
+        if self.classification:
+            return (self.data.train, self.data.y_train)
+        return (self.data.train,)
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if self.classification:
+            return nn.functional.cross_entropy(model(batch[0]), batch[1])
+        if self.images:
+            x = dequantize(batch[0], self.data.levels)
+            return bits_per_dim(model.log_prob(x), self.dims, self.data.levels)
+        return nll_nats(model.log_prob(batch[0]))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str, limit: int | None = None) -> dict[str, float]:
+        """Metrics on a split ('train', 'val', 'test'), on its first ``limit`` rows.
+
+        Returns {"nll": ...} (nats, bits/dim for images, cross-entropy for
+        classification) and "accuracy" for classification. Deterministic: the
+        exact trace where configured, else Hutchinson with a fixed seed.
+        """
+        x = getattr(self.data, split)
+        y = getattr(self.data, f"y_{split}")
+        if limit is not None:
+            x = x[:limit]
+            y = None if y is None else y[:limit]
+        model.eval()
+        if self.classification:
+            logits = torch.cat([model(x[i : i + 4096]) for i in range(0, x.shape[0], 4096)])
+            return {
+                "nll": nn.functional.cross_entropy(logits, y).item(),
+                "accuracy": (logits.argmax(1) == y).double().mean().item(),
+            }
+        g = torch.Generator().manual_seed(12345)
+        rng = torch.get_rng_state()
+        torch.manual_seed(12345)  # Hutchinson probes during evaluation
+        try:
+            exact = self.config["eval"]["exact"]
+            total = 0.0
+            with exact_divergence(model) if exact else contextlib.nullcontext():
+                for i in range(0, x.shape[0], 2048):
+                    xb = x[i : i + 2048]
+                    if self.images:
+                        xb = dequantize(xb, self.data.levels, generator=g)
+                        bpd = bits_per_dim(model.log_prob(xb), self.dims, self.data.levels)
+                        total += bpd.item() * xb.shape[0]
+                    else:
+                        total += -model.log_prob(xb).sum().item()
+        finally:
+            torch.set_rng_state(rng)
+        return {"nll": total / x.shape[0]}
+
+
+def iterations_per_cycle(config: dict[str, Any], n_train: int) -> int:
+    """run.iters if set, else epochs x batches per epoch x budget (at least 1)."""
+    run, train = config["run"], config["train"]
+    if run["iters"] is not None:
+        return int(run["iters"])
+    per_epoch = math.ceil(n_train / train["batch_size"])
+    return max(1, round(train["epochs"] * per_epoch * run["budget"]))
+
+
+def train_config(config: dict[str, Any], n_train: int, cycle: int) -> TrainConfig:
+    """The TrainConfig of one cycle: LR milestones scaled from epochs to iterations."""
+    t = config["train"]
+    iters = iterations_per_cycle(config, n_train)
+    scale = iters / max(1, t["epochs"])
+    milestones = tuple(sorted({max(1, round(e * scale)) for e in t["lr_milestones"]} - {iters}))
+    return TrainConfig(
+        iters=iters,
+        batch_size=t["batch_size"],
+        lr=t["lr"],
+        weight_decay=t["weight_decay"],
+        optimizer=t["optimizer"],
+        beta1=t["beta1"],
+        beta2=t["beta2"],
+        eval_every=iters,
+        checkpoint_every=max(1, min(50, iters)),
+        seed=config["run"]["seed"] * 1000 + cycle,
+        lr_milestones=milestones,
+        lr_gamma=t["lr_gamma"],
+    )
+
+
+def _cycle_path(out: Path, cycle: int) -> Path:
+    return out / "checkpoints" / f"cycle_{cycle:03d}.pt"
+
+
+def load_cycle_model(
+    out: str | Path, cycle: int | None = None
+) -> tuple[nn.Module, dict[str, Any], RunData]:
+    """Rebuild the model of a run directory after ``cycle`` (default: the last finished).
+
+    Returns (model in eval mode, config, data).
+    """
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text())
+    rows = read_results(out)
+    if not rows:
+        raise FileNotFoundError(f"run {out} has no finished cycle yet (results.json is empty)")
+    if cycle is None:
+        cycle = rows[-1]["cycle"]
+    state = load_checkpoint(_cycle_path(out, cycle))
+    data = load_run_data(config)
+    model = build_model(config, data)
+    if any(k.endswith("weight_mask") for k in state["model"]):
+        ensure_masks(model)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, config, data
+
+
+def read_results(out: str | Path) -> list[dict[str, Any]]:
+    """The rows of DIR/results.json, or [] if there is none yet."""
+    path = Path(out) / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _stop_reason(config: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
+    run = config["run"]
+    last = rows[-1]
+    if last["cycle"] >= run["cycles"]:
+        return f"reached {run['cycles']} prune cycles"
+    if run["target_ratio"] is not None and last["prune_ratio"] >= run["target_ratio"]:
+        return f"reached the target prune ratio {run['target_ratio']}"
+    if run["patience"] is not None:
+        best = min(range(len(rows)), key=lambda i: rows[i]["val_nll"])
+        if len(rows) - 1 - best >= run["patience"]:
+            return f"validation loss has not improved for {run['patience']} cycles"
+    return None
+
+
+def run_pipeline(
+    config: dict[str, Any],
+    out: str | Path,
+    resume: bool = False,
+    warm_start: str | Path | None = None,
+    progress: bool = True,
+    plots: bool = True,
+) -> list[dict[str, Any]]:
+    """Run Algorithm 1 into directory ``out`` and return the per-cycle rows.
+
+    Args:
+        config: from ``build_config``.
+        out: run directory (created). Without ``resume`` it must not hold an
+            earlier run's results.
+        resume: continue an interrupted run in ``out`` from its last finished
+            cycle (and from inside the interrupted cycle's training).
+        warm_start: a cycle-0 checkpoint of a run with the same data and model
+            settings; its dense model is used instead of training one (the demo
+            shares one warm start between unstructured and structured runs).
+
+    Each row has ``RESULT_FIELDS`` (plus train_accuracy, val_accuracy,
+    test_accuracy for classification, nfe per training batch, seconds split into
+    train_seconds and eval_seconds).
+    """
+    validate_config(config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    rows = read_results(out)
+    if config_path.is_file() and (rows or resume):
+        saved = json.loads(config_path.read_text())
+        if not resume:
+            raise FileExistsError(
+                f"{out} already holds a run ({len(rows)} cycles); use --resume or another --out"
+            )
+        if saved != json.loads(json.dumps(config)):
+            raise ValueError(
+                f"{out} holds a run with a different configuration; resume with the same settings "
+                "or use another --out"
+            )
+    write_text_atomic(json.dumps(config, indent=2), config_path)
+    data = load_run_data(config)
+    task = Task(config, data)
+    model = build_model(config, data)
+    run = config["run"]
+    n_train = data.train.shape[0]
+
+    if rows:
+        state = load_checkpoint(_cycle_path(out, rows[-1]["cycle"]))
+        if any(k.endswith("weight_mask") for k in state["model"]):
+            ensure_masks(model)
+        model.load_state_dict(state["model"])
+        if _stop_reason(config, rows):
+            return rows
+
+    bar = tqdm(
+        total=run["cycles"] + 1,
+        initial=len(rows),
+        desc=f"{run['dataset']} {run['method']}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    cycle = len(rows)
+    while True:
+        torch.manual_seed(run["seed"] * 7919 + cycle)
+        t_start = time.perf_counter()
+        if cycle > 0:
+            prune_(model, config["prune"]["prune_ratio"], run["method"])
+        cfg = train_config(config, n_train, cycle)
+        train_ckpt = out / "checkpoints" / f"train_cycle_{cycle:03d}.pt"
+        if cycle == 0 and warm_start is not None:
+            state = load_checkpoint(warm_start)
+            model.load_state_dict(state["model"])
+            history = state["history"]
+        else:
+            history = fit(
+                model,
+                task.loss,
+                task.train_tensors,
+                cfg,
+                checkpoint=train_ckpt,
+                resume=resume,
+                progress=progress,
+                desc=f"cycle {cycle}",
+            )
+        t_train = time.perf_counter() - t_start
+        t0 = time.perf_counter()
+        limit = run["eval_samples"]
+        metrics = {
+            split: task.evaluate(model, split, limit if split == "train" else None)
+            for split in ("train", "val", "test")
+        }
+        t_eval = time.perf_counter() - t0
+        s = sparsity(model)
+        row: dict[str, Any] = {
+            "cycle": cycle,
+            "prune_ratio": s["prune_ratio"],
+            "kept_fraction": s["kept_fraction"],
+            "nonzero_params": s["nonzero_params"],
+            "train_nll": metrics["train"]["nll"],
+            "val_nll": metrics["val"]["nll"],
+            "test_nll": metrics["test"]["nll"],
+            "nfe_forward": history[-1]["nfe_forward"],
+            "nfe_backward": history[-1]["nfe_backward"],
+            "seconds": t_train + t_eval,
+            "train_seconds": t_train,
+            "eval_seconds": t_eval,
+            "iters": cfg.iters,
+        }
+        if task.classification:
+            for split in ("train", "val", "test"):
+                row[f"{split}_accuracy"] = metrics[split]["accuracy"]
+        save_atomic(
+            {"model": model.state_dict(), "row": row, "history": history, "config": config},
+            _cycle_path(out, cycle),
+        )
+        rows.append(row)
+        write_text_atomic(json.dumps(rows, indent=2), out / "results.json")
+        train_ckpt.unlink(missing_ok=True)
+        bar.update(1)
+        bar.set_postfix(ratio=f"{row['prune_ratio']:.2f}", val=f"{row['val_nll']:.3f}")
+        if _stop_reason(config, rows):
+            break
+        cycle += 1
+    bar.close()
+    from flows.report import write_run_report
+
+    write_run_report(out, plots=plots)
+    return rows
+
+
+def copy_config(config: dict[str, Any], **run: Any) -> dict[str, Any]:
+    """A copy of ``config`` with some ``run`` settings replaced."""
+    new = copy.deepcopy(config)
+    new["run"].update(run)
+    validate_config(new)
+    return new

@@ -1,0 +1,194 @@
+"""Pruning of ODE vector fields: global magnitude (unstructured) and neuron (structured).
+
+Masks live in buffers named as ``torch.nn.utils.prune`` names them
+(``weight_mask``, ``bias_mask``) on the pruned modules themselves, while the
+``weight`` parameter stays an ordinary parameter holding exact zeros at pruned
+places. So other tools (and ``sparsekern``) read the masks, and a pruned model
+is still an ordinary module. Training keeps the zeros with ``mask_gradients_``
+after backward and ``apply_masks_`` after each optimiser step.
+
+Prunable weights are the main linear and convolution weights. The small
+time-conditioning layers of concatsquash (``hyper_gate``, ``hyper_bias``) are
+not pruned, as in the original code.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+PRUNE_METHODS = ("unstructured", "structured")
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every prunable Linear / Conv2d, in registration order.
+
+    For the chain models of ``flows`` (ODEnet, ConvODEnet, ODEClassifier)
+    registration order is the order along the network, which structured
+    pruning relies on.
+    """
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear | nn.Conv2d) and not name.rsplit(".", 1)[-1].startswith(
+            "hyper_"
+        ):
+            layers.append((name, m))
+    return layers
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"prune fraction must lie in [0, 1), got {fraction}")
+
+
+def ensure_masks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Give every prunable layer all-ones ``weight_mask`` / ``bias_mask`` buffers if absent.
+
+    Returns ``prunable_layers(model)``.
+    """
+    layers = prunable_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no prunable Linear or Conv2d layer")
+    for name, m in layers:
+        if not hasattr(m, "weight_mask"):
+            m.register_buffer("weight_mask", torch.ones_like(m.weight))
+        elif m.weight_mask.shape != m.weight.shape:
+            raise ValueError(
+                f"{name}.weight_mask has shape {list(m.weight_mask.shape)}, "
+                f"expected the weight's {list(m.weight.shape)}"
+            )
+        if m.bias is not None and not hasattr(m, "bias_mask"):
+            m.register_buffer("bias_mask", torch.ones_like(m.bias))
+    return layers
+
+
+@torch.no_grad()
+def apply_masks_(model: nn.Module) -> None:
+    """Zero every weight (and bias) entry whose mask is zero, in place."""
+    for _, m in prunable_layers(model):
+        if hasattr(m, "weight_mask"):
+            m.weight.mul_(m.weight_mask)
+        if m.bias is not None and hasattr(m, "bias_mask"):
+            m.bias.mul_(m.bias_mask)
+
+
+@torch.no_grad()
+def mask_gradients_(model: nn.Module) -> None:
+    """Zero the gradients at pruned places, so no optimiser moves a pruned weight."""
+    for _, m in prunable_layers(model):
+        if hasattr(m, "weight_mask") and m.weight.grad is not None:
+            m.weight.grad.mul_(m.weight_mask)
+        if m.bias is not None and hasattr(m, "bias_mask") and m.bias.grad is not None:
+            m.bias.grad.mul_(m.bias_mask)
+
+
+def has_masks(model: nn.Module) -> bool:
+    return any(hasattr(m, "weight_mask") for _, m in prunable_layers(model))
+
+
+@torch.no_grad()
+def prune_unstructured_(model: nn.Module, fraction: float) -> int:
+    """Global magnitude pruning: remove ``fraction`` of the remaining prunable weights.
+
+    The smallest magnitudes across all prunable layers at once go (ties broken
+    by position). Returns the number of weights pruned in this call.
+    """
+    _check_fraction(fraction)
+    layers = ensure_masks(model)
+    apply_masks_(model)
+    mags = torch.cat([m.weight.detach().abs().flatten() for _, m in layers]).double()
+    kept = torch.cat([m.weight_mask.flatten() for _, m in layers]).bool()
+    k = round(fraction * int(kept.sum()))
+    if k == 0:
+        return 0
+    # Pruned entries sort last; a stable sort makes ties deterministic.
+    mags[~kept] = float("inf")
+    drop = torch.sort(mags, stable=True).indices[:k]
+    flat_mask = kept.to(torch.float64)
+    flat_mask[drop] = 0
+    offset = 0
+    for _, m in layers:
+        n = m.weight.numel()
+        m.weight_mask.copy_(flat_mask[offset : offset + n].view_as(m.weight_mask))
+        offset += n
+    apply_masks_(model)
+    return k
+
+
+def alive_neurons(layer: nn.Module) -> torch.Tensor:
+    """Bool [out_features] (or [out_channels]): rows with any kept incoming weight."""
+    mask = getattr(layer, "weight_mask", torch.ones_like(layer.weight))
+    return mask.flatten(1).any(1)
+
+
+@torch.no_grad()
+def prune_structured_(model: nn.Module, fraction: float) -> int:
+    """Neuron pruning: in every layer but the last, remove ``fraction`` of the live neurons.
+
+    A neuron's score is the L1 norm of its (kept) incoming weights; the lowest
+    go. A removed neuron loses its row of weights, its bias and its column in
+    the next layer's input, so it no longer affects the output. The output
+    layer's outputs are never pruned. Returns the number of neurons pruned.
+    """
+    _check_fraction(fraction)
+    layers = ensure_masks(model)
+    apply_masks_(model)
+    total = 0
+    for (name, m), (next_name, nxt) in itertools.pairwise(layers):
+        alive = alive_neurons(m)
+        if nxt.weight.shape[1] < m.weight.shape[0]:
+            raise ValueError(
+                f"structured pruning needs a chain of layers: {next_name} reads "
+                f"{nxt.weight.shape[1]} inputs but {name} has {m.weight.shape[0]} outputs"
+            )
+        k = round(fraction * int(alive.sum()))
+        if k == 0:
+            continue
+        score = (m.weight * m.weight_mask).abs().flatten(1).sum(1).double()
+        score[~alive] = float("inf")
+        drop = torch.sort(score, stable=True).indices[:k]
+        m.weight_mask[drop] = 0
+        if m.bias is not None:
+            m.bias_mask[drop] = 0
+        # Inputs beyond this layer's outputs (concat's time column) stay.
+        nxt.weight_mask[:, drop] = 0
+        total += k
+    apply_masks_(model)
+    return total
+
+
+def prune_(model: nn.Module, fraction: float, method: str) -> int:
+    """Prune ``fraction`` of what remains with ``method`` ("unstructured" or "structured")."""
+    if method == "unstructured":
+        return prune_unstructured_(model, fraction)
+    if method == "structured":
+        return prune_structured_(model, fraction)
+    raise ValueError(f"method={method!r} is not supported; expected one of {PRUNE_METHODS}")
+
+
+def sparsity(model: nn.Module) -> dict[str, float]:
+    """Counts for reports.
+
+    Returns:
+        prunable: number of prunable weights; kept: how many are unmasked;
+        kept_fraction and prune_ratio (= 1 - kept_fraction) over prunable weights;
+        nonzero_params: nonzero entries over all parameters of the model;
+        total_params: all parameter entries.
+    """
+    layers = prunable_layers(model)
+    prunable = sum(m.weight.numel() for _, m in layers)
+    kept = sum(
+        int(m.weight_mask.sum()) if hasattr(m, "weight_mask") else m.weight.numel()
+        for _, m in layers
+    )
+    params = list(model.parameters())
+    return {
+        "prunable": prunable,
+        "kept": kept,
+        "kept_fraction": kept / prunable if prunable else 1.0,
+        "prune_ratio": 1 - kept / prunable if prunable else 0.0,
+        "nonzero_params": sum(int((p != 0).sum()) for p in params),
+        "total_params": sum(p.numel() for p in params),
+    }
