@@ -10,7 +10,7 @@ install:
 	$(PYTHON) -m pip install -e ".[dev]"
 
 demo: install
-	$(PYTHON) -m flows train --dataset gaussians --iters 300 --out runs/demo
+	$(PYTHON) -m flows demo --out runs/demo
 
 test: install
 	$(PYTHON) -m pytest

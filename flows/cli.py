@@ -15,7 +15,7 @@ import torch
 from flows.presets import PRESETS, load_config_file, parse_assignment
 from flows.prune import PRUNE_METHODS
 
-DEMO_SETTINGS = {"cycles": 4, "iters": 150, "prune_ratio": 0.3}
+DEMO_SETTINGS = {"cycles": 4, "iters": 400, "prune_ratio": 0.3}
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, pruning: bool) -> None:

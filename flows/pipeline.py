@@ -276,7 +276,7 @@ def train_config(config: dict[str, Any], n_train: int, cycle: int) -> TrainConfi
         beta1=t["beta1"],
         beta2=t["beta2"],
         eval_every=iters,
-        checkpoint_every=max(1, min(50, iters)),
+        checkpoint_every=max(1, min(50, iters // 4)),
         seed=config["run"]["seed"] * 1000 + cycle,
         lr_milestones=milestones,
         lr_gamma=t["lr_gamma"],
@@ -288,10 +288,11 @@ def _cycle_path(out: Path, cycle: int) -> Path:
 
 
 def load_cycle_model(
-    out: str | Path, cycle: int | None = None
+    out: str | Path, cycle: int | None = None, data: RunData | None = None
 ) -> tuple[nn.Module, dict[str, Any], RunData]:
     """Rebuild the model of a run directory after ``cycle`` (default: the last finished).
 
+    ``data`` skips reloading the dataset when the caller already has it.
     Returns (model in eval mode, config, data).
     """
     out = Path(out)
@@ -302,7 +303,8 @@ def load_cycle_model(
     if cycle is None:
         cycle = rows[-1]["cycle"]
     state = load_checkpoint(_cycle_path(out, cycle))
-    data = load_run_data(config)
+    if data is None:
+        data = load_run_data(config)
     model = build_model(config, data)
     if any(k.endswith("weight_mask") for k in state["model"]):
         ensure_masks(model)
@@ -374,8 +376,9 @@ def run_pipeline(
     write_text_atomic(json.dumps(config, indent=2), config_path)
     data = load_run_data(config)
     task = Task(config, data)
-    model = build_model(config, data)
     run = config["run"]
+    torch.manual_seed(run["seed"])  # the initial weights belong to the run's seed
+    model = build_model(config, data)
     n_train = data.train.shape[0]
 
     if rows:

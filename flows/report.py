@@ -86,17 +86,17 @@ def plot_metric_vs_ratio(
     return path
 
 
-def plot_density_cycles(
-    run_dir: str | Path, path: str | Path, n_grid: int = 80, lim: float = 4.0
-) -> Path:
+def plot_density_cycles(run_dir: str | Path, path: str | Path, n_grid: int = 80) -> Path:
     """Paper Fig. 5: learned density (top) and samples (bottom) for every cycle of a 2D run."""
     from flows.pipeline import load_cycle_model, read_results
     from flows.plotting import density_grid
 
     rows = read_results(run_dir)
+    _, _, data = load_cycle_model(run_dir, rows[0]["cycle"])
+    lim = 1.15 * float(data.test.abs().max())
     fig, axes = plt.subplots(2, len(rows), figsize=(2.4 * len(rows), 4.8), squeeze=False)
     for j, r in enumerate(rows):
-        model, _, _ = load_cycle_model(run_dir, r["cycle"])
+        model, _, _ = load_cycle_model(run_dir, r["cycle"], data)
         xx, yy, dens = density_grid(model, lim, n_grid)
         samples = model.sample(1000, generator=torch.Generator().manual_seed(0)).cpu()
         axes[0, j].pcolormesh(xx.numpy(), yy.numpy(), dens.numpy(), shading="auto", cmap="viridis")

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -77,7 +79,7 @@ def test_structured_removes_rows_and_the_matching_inputs_downstream():
     removed = prune_structured_(net, 0.5)
     layers = [m for _, m in prunable_layers(net)]
     assert removed == 6 + round(0.5 * 9)
-    for m, nxt in zip(layers[:-1], layers[1:], strict=True):
+    for m, nxt in itertools.pairwise(layers):
         dead = ~alive_neurons(m)
         assert torch.all(m.weight[dead] == 0) and torch.all(m.bias[dead] == 0)
         assert torch.all(nxt.weight[:, : m.weight.shape[0]][:, dead] == 0)
