@@ -1,4 +1,4 @@
-"""The ``sparseflow`` command line: train, prune, eval, sample, report, demo."""
+"""The ``sparseflow`` command line: train, prune, eval, sample, report, analyze, demo."""
 
 from __future__ import annotations
 
@@ -219,6 +219,36 @@ def cmd_demo(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
     return all_rows
 
 
+def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.analysis import runs
+
+    progress = not args.no_progress
+    if args.kind == "hessian":
+        result = runs.hessian_over_run(
+            args.run,
+            samples=args.samples,
+            power_iters=args.power_iters,
+            tol=args.tol,
+            trace_samples=args.trace_samples,
+            lanczos_steps=args.lanczos_steps,
+            seed=args.seed,
+            progress=progress,
+        )
+        print((Path(args.run) / "analysis" / "hessian.md").read_text())
+    elif args.kind == "boundary":
+        result = runs.boundary_over_run(args.run, n_grid=args.grid, progress=progress)
+        for r in result["rows"]:
+            print(
+                f"cycle {r['cycle']}: prune ratio {100 * r['prune_ratio']:.1f}%, "
+                f"test accuracy {100 * r['test_accuracy']:.1f}%, boundary distance "
+                f"mean {r['mean_distance']:.4f}, 5th percentile {r['p5_distance']:.4f}"
+            )
+    else:
+        result = runs.field_over_run(args.run, progress=progress)
+    print(f"figures and JSON in {Path(args.run) / 'analysis'}")
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,6 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", required=True, help="report directory")
 
+    p = sub.add_parser(
+        "analyze", help="Hessian, decision-boundary or vector-field analysis of a run"
+    )
+    p.add_argument("kind", choices=("hessian", "boundary", "field"))
+    p.add_argument("--run", required=True, help="run directory (from prune/train)")
+    p.add_argument("--samples", type=int, default=512, help="hessian: training points in the loss")
+    p.add_argument("--power-iters", type=int, default=50, help="hessian: power-iteration budget")
+    p.add_argument(
+        "--tol", type=float, default=1e-3, help="hessian: power-iteration relative tolerance"
+    )
+    p.add_argument("--trace-samples", type=int, default=20, help="hessian: Hutchinson probes")
+    p.add_argument(
+        "--lanczos-steps", type=int, default=20, help="hessian: Lanczos steps (lambda_min)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", type=int, default=200, help="boundary: search grid size per axis")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("demo", help="the main job: gaussians, unstructured and structured pruning")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--cycles", type=int, default=DEMO_SETTINGS["cycles"])
@@ -275,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_sample(args)
         elif args.command == "report":
             cmd_report(args)
+        elif args.command == "analyze":
+            cmd_analyze(args)
         elif args.command == "demo":
             cmd_demo(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
