@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -121,3 +123,17 @@ def odesolve(
     if isinstance(ys, tuple):
         return tuple(y[-1] for y in ys)
     return ys[-1]
+
+
+@contextlib.contextmanager
+def exact_divergence(model: nn.Module) -> Iterator[None]:
+    """Within the block every ODEFunc of ``model`` uses the exact trace (test NLL, as FFJORD)."""
+    funcs = [m for m in model.modules() if isinstance(m, ODEFunc)]
+    saved = [f.divergence for f in funcs]
+    try:
+        for f in funcs:
+            f.divergence = "exact"
+        yield
+    finally:
+        for f, d in zip(funcs, saved, strict=True):
+            f.divergence = d

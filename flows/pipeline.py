@@ -15,7 +15,6 @@ a kill gives the same results.json as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -44,7 +43,7 @@ from flows.neural_ode import ODEClassifier
 from flows.odenet import ConvODEnet, ODEnet
 from flows.presets import get_preset, merge
 from flows.prune import PRUNE_METHODS, ensure_masks, prune_, sparsity
-from flows.train import TrainConfig, exact_divergence, fit
+from flows.train import TrainConfig, evaluate_nll, fit
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 RESULT_FIELDS = (
@@ -232,24 +231,17 @@ class Task:
                 "nll": nn.functional.cross_entropy(logits, y).item(),
                 "accuracy": (logits.argmax(1) == y).double().mean().item(),
             }
-        g = torch.Generator().manual_seed(12345)
         rng = torch.get_rng_state()
-        torch.manual_seed(12345)  # Hutchinson probes during evaluation
+        torch.manual_seed(12345)  # the same Hutchinson probes at every evaluation
         try:
-            exact = self.config["eval"]["exact"]
-            total = 0.0
-            with exact_divergence(model) if exact else contextlib.nullcontext():
-                for i in range(0, x.shape[0], 2048):
-                    xb = x[i : i + 2048]
-                    if self.images:
-                        xb = dequantize(xb, self.data.levels, generator=g)
-                        bpd = bits_per_dim(model.log_prob(xb), self.dims, self.data.levels)
-                        total += bpd.item() * xb.shape[0]
-                    else:
-                        total += -model.log_prob(xb).sum().item()
+            if self.images:
+                x = dequantize(x, self.data.levels, generator=torch.Generator().manual_seed(12345))
+            nll = evaluate_nll(model, x, batch_size=2048, exact=self.config["eval"]["exact"])
         finally:
             torch.set_rng_state(rng)
-        return {"nll": total / x.shape[0]}
+        if self.images:
+            nll = bits_per_dim(torch.tensor(-nll), self.dims, self.data.levels).item()
+        return {"nll": nll}
 
 
 def iterations_per_cycle(config: dict[str, Any], n_train: int) -> int:

@@ -14,7 +14,29 @@ import matplotlib.pyplot as plt
 import torch
 
 from flows.checkpoint import write_text_atomic
+from flows.cnf import Flow
 from flows.datasets import TOY_DATASETS
+from flows.odefunc import exact_divergence
+
+
+@torch.no_grad()
+def density_grid(
+    flow: Flow, lim: float = 4.0, n_grid: int = 100, batch_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact-trace density of a 2D flow on a square grid.
+
+    Returns:
+        (xx, yy, density), each [n_grid, n_grid]; density = exp(log_prob).
+    """
+    p = next(flow.parameters())
+    axis = torch.linspace(-lim, lim, n_grid, dtype=p.dtype)
+    xx, yy = torch.meshgrid(axis, axis, indexing="xy")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1).to(p.device)
+    with exact_divergence(flow):
+        logp = torch.cat(
+            [flow.log_prob(pts[i : i + batch_size]) for i in range(0, pts.shape[0], batch_size)]
+        )
+    return xx, yy, logp.exp().reshape(n_grid, n_grid).cpu()
 
 
 def _unit(config: dict[str, Any]) -> str:
@@ -89,7 +111,6 @@ def plot_metric_vs_ratio(
 def plot_density_cycles(run_dir: str | Path, path: str | Path, n_grid: int = 80) -> Path:
     """Paper Fig. 5: learned density (top) and samples (bottom) for every cycle of a 2D run."""
     from flows.pipeline import load_cycle_model, read_results
-    from flows.plotting import density_grid
 
     rows = read_results(run_dir)
     _, _, data = load_cycle_model(run_dir, rows[0]["cycle"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from flows.checkpoint import load_checkpoint, save_atomic
 from flows.cnf import Flow
 from flows.likelihood import nll_nats
-from flows.odefunc import ODEFunc
+from flows.odefunc import exact_divergence
 from flows.prune import apply_masks_, has_masks, mask_gradients_
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -47,20 +47,6 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
-
-
-@contextlib.contextmanager
-def exact_divergence(model: nn.Module) -> Iterator[None]:
-    """Within the block every ODEFunc of ``model`` uses the exact trace (test NLL, as FFJORD)."""
-    funcs = [m for m in model.modules() if isinstance(m, ODEFunc)]
-    saved = [f.divergence for f in funcs]
-    try:
-        for f in funcs:
-            f.divergence = "exact"
-        yield
-    finally:
-        for f, d in zip(funcs, saved, strict=True):
-            f.divergence = d
 
 
 @torch.no_grad()

@@ -122,8 +122,8 @@ def test_moons_classifier_pipeline_reports_accuracy(tmp_path):
         "moons",
         {
             "data": {"n_train": 256, "n_val": 64, "n_test": 64},
-            "model": {"hidden": [16]},
-            "run": {"iters": 30, "cycles": 1},
+            "model": {"hidden": [32]},
+            "run": {"iters": 80, "cycles": 1},
         },
     )
     rows = run_pipeline(config, tmp_path, progress=False)

@@ -3,7 +3,8 @@ import torch
 
 import flows.train as train_mod
 from flows import CNF, ODEnet
-from flows.train import TrainConfig, evaluate_nll, exact_divergence, train_density
+from flows.odefunc import exact_divergence
+from flows.train import TrainConfig, evaluate_nll, train_density
 
 
 def small_flow():

@@ -20,8 +20,8 @@ from flows.analysis.boundary import boundary_distances, grid, predict, robustnes
 from flows.analysis.field import draw_field, mode_centres
 from flows.analysis.hessian import analyze_hessian, normalise_to_first
 from flows.checkpoint import write_text_atomic
+from flows.odefunc import exact_divergence
 from flows.pipeline import RunData, Task, load_cycle_model, load_run_data, read_results
-from flows.train import exact_divergence
 
 MODES = {"gaussians": 6, "gaussianspiral": 10, "8gaussians": 8}
 HESSIAN_KEYS = ("lambda_max", "trace", "condition_number")
