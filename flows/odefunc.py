@@ -66,6 +66,17 @@ class ODEFunc(nn.Module):
         if isinstance(state, torch.Tensor):
             return self.odenet(t, state)
         z = state[0]
+        if self.divergence == "hutchinson" and (self.noise is None or self.noise.shape != z.shape):
+            got = None if self.noise is None else list(self.noise.shape)
+            raise RuntimeError(
+                "Hutchinson noise was not drawn for this solve: call draw_noise(z0) "
+                f"before integrating (noise shape {got}, state shape {list(z.shape)})"
+            )
+        fused = getattr(self.odenet, "forward_and_divergence", None)
+        if fused is not None:
+            # A compiled field (sparsekern) computes f and its divergence in one pass.
+            dz, div = fused(t, z, self.noise if self.divergence == "hutchinson" else None)
+            return dz, -div
         # Under no_grad (evaluation, odeint_adjoint's forward) the divergence still
         # needs a graph of f, but not a graph of the divergence itself.
         create_graph = torch.is_grad_enabled()
@@ -76,12 +87,6 @@ class ODEFunc(nn.Module):
             if self.divergence == "exact":
                 div = divergence_exact(dz, z, create_graph=create_graph)
             else:
-                if self.noise is None or self.noise.shape != z.shape:
-                    got = None if self.noise is None else list(self.noise.shape)
-                    raise RuntimeError(
-                        "Hutchinson noise was not drawn for this solve: call draw_noise(z0) "
-                        f"before integrating (noise shape {got}, state shape {list(z.shape)})"
-                    )
                 div = divergence_hutchinson(dz, z, self.noise, create_graph=create_graph)
         if not create_graph:
             dz, div = dz.detach(), div.detach()

@@ -42,6 +42,19 @@ def _check_time_mode(time: str) -> None:
         raise ValueError(f"time={time!r} is not supported; expected one of {TIME_MODES}")
 
 
+def _check_state_shape(z: torch.Tensor, state_shape: tuple[int, ...], owner: str) -> None:
+    if z.dim() != len(state_shape) + 1 or tuple(z.shape[1:]) != tuple(state_shape):
+        raise ValueError(
+            f"{owner} expects z of shape [B, {', '.join(map(str, state_shape))}], "
+            f"got {list(z.shape)}"
+        )
+
+
+# A leaf for torch.fx: the check runs on real tensors and is recorded, not traced,
+# so the vector fields stay traceable by sparsekern's generic tier.
+torch.fx.wrap("_check_state_shape")
+
+
 def _time_column(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """t broadcast to a [B, 1] column with like's batch size, dtype and device."""
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
@@ -124,8 +137,7 @@ class ODEnet(nn.Module):
         return (self.in_dim,)
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if z.dim() != 2 or z.shape[1] != self.in_dim:
-            raise ValueError(f"ODEnet expects z of shape [B, {self.in_dim}], got {list(z.shape)}")
+        _check_state_shape(z, (self.in_dim,), "ODEnet")
         h = z
         for i, layer in enumerate(self.layers):
             h = layer(h) if self.time == "none" else layer(t, h)
@@ -192,11 +204,7 @@ class ConvODEnet(nn.Module):
         return self.in_shape
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if tuple(z.shape[1:]) != self.in_shape:
-            raise ValueError(
-                f"ConvODEnet expects z of shape [B, {', '.join(map(str, self.in_shape))}], "
-                f"got {list(z.shape)}"
-            )
+        _check_state_shape(z, self.in_shape, "ConvODEnet")
         h = z
         for i, layer in enumerate(self.layers):
             h = layer(t, h)

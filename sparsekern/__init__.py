@@ -1,7 +1,33 @@
 """sparsekern: the engine that turns pruned vector fields into sparse and fused kernels.
 
-Its public entry point, ``compile_sparse``, is built on top of the ``flows``
-models (see DESIGN.md, "The engine contract").
+Public API::
+
+    from sparsekern import compile_sparse, SparseConfig, write_back
+    fast = compile_sparse(f)                  # f(t, z) or f(z), pruned or not
+    dz = fast(t, z)                           # same call, same result
+    dz, div = fast.forward_and_divergence(t, z, noise)   # Hutchinson; noise=None: exact
+    fast.write_back()                         # trained kept values back into f
+
+``compile_sparse(cnf)`` compiles every vector field inside a flows model (CNF,
+SequentialFlow, ODEBlock, ODEClassifier). See DESIGN.md, "The engine contract".
 """
 
+from sparsekern.compile import compile_sparse, compiled_fields, write_back
+from sparsekern.config import SparseConfig
+from sparsekern.field import CompiledField
+from sparsekern.fused import FusedMLP
+from sparsekern.generic import GenericField
+from sparsekern.masks import CompileError
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CompileError",
+    "CompiledField",
+    "FusedMLP",
+    "GenericField",
+    "SparseConfig",
+    "compile_sparse",
+    "compiled_fields",
+    "write_back",
+]

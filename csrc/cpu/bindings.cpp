@@ -1,0 +1,12 @@
+// Python bindings of the CPU backend; the ops registry (sparsekern/ops.py) calls these.
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sparsekern CPU kernels (feature-major CSR products and the fused MLP program)";
+  m.def("spmm", &sparsekern::cpu::spmm, "W x or W^T x for CSR W");
+  m.def("sddmm", &sparsekern::cpu::sddmm, "a b^T at the kept places");
+  m.def("mlp_fwd", &sparsekern::cpu::mlp_fwd, "fused MLP forward + JVP");
+  m.def("mlp_bwd", &sparsekern::cpu::mlp_bwd, "reverse mode of mlp_fwd");
+}

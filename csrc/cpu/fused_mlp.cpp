@@ -1,0 +1,326 @@
+// The fused MLP program: forward pass and JVP in one sweep over the layers, and
+// its hand-written reverse mode. Reference and notation: sparsekern/ref.py
+// (mlp_fwd_ref, mlp_bwd_ref). Columns of every activation matrix are
+// [h | v_1 | ... | v_K], B each, so one product with W_l serves the state and
+// all K tangents.
+#include "kernels.h"
+
+#include <c10/util/Exception.h>
+
+namespace sparsekern {
+namespace cpu {
+
+namespace {
+
+struct Layer {
+  std::vector<Tensor> tensors;  // [W] dense, or rowptr, col, rowptr_t, col_t, perm, vals
+  int64_t n_out;
+  int64_t n_in;
+  bool csr() const { return tensors.size() == 6; }
+};
+
+std::vector<Layer> parse_layers(const std::vector<Tensor>& weights,
+                                const std::vector<int64_t>& layouts, const Tensor& x0) {
+  std::vector<Layer> layers;
+  size_t i = 0;
+  int64_t n_in = x0.size(0);
+  for (size_t l = 0; l < layouts.size(); ++l) {
+    TORCH_CHECK(layouts[l] == 0 || layouts[l] == 1, "sparsekern: layer ", l,
+                " has unknown layout code ", layouts[l]);
+    const size_t n = layouts[l] == 0 ? 1 : 6;
+    TORCH_CHECK(i + n <= weights.size(), "sparsekern: weights list ends inside layer ", l);
+    Layer layer{std::vector<Tensor>(weights.begin() + i, weights.begin() + i + n), 0, n_in};
+    const Tensor& w = layer.tensors.back();
+    TORCH_CHECK(w.scalar_type() == x0.scalar_type() && w.device() == x0.device(),
+                "sparsekern: layer ", l, " weights are ", w.scalar_type(), " on ", w.device(),
+                ", the input is ", x0.scalar_type(), " on ", x0.device());
+    TORCH_CHECK(w.is_contiguous(), "sparsekern: layer ", l, " weights must be contiguous");
+    if (n == 1) {
+      TORCH_CHECK(w.dim() == 2 && w.size(1) == n_in, "sparsekern: layer ", l,
+                  " is a dense matrix of shape ", w.sizes(), ", expected [*, ", n_in, "]");
+      layer.n_out = w.size(0);
+    } else {
+      for (int t = 0; t < 5; ++t) {
+        TORCH_CHECK(layer.tensors[t].scalar_type() == at::kInt && layer.tensors[t].is_contiguous(),
+                    "sparsekern: layer ", l, " CSR index ", t, " must be contiguous int32");
+      }
+      layer.n_out = layer.tensors[0].numel() - 1;
+      TORCH_CHECK(layer.tensors[2].numel() - 1 == n_in, "sparsekern: layer ", l, " reads ",
+                  layer.tensors[2].numel() - 1, " inputs, the previous layer gives ", n_in);
+      TORCH_CHECK(w.numel() == layer.tensors[1].numel(), "sparsekern: layer ", l, " has ",
+                  w.numel(), " values for ", layer.tensors[1].numel(), " kept places");
+    }
+    n_in = layer.n_out;
+    layers.push_back(std::move(layer));
+    i += n;
+  }
+  TORCH_CHECK(i == weights.size(), "sparsekern: ", weights.size() - i,
+              " weight tensors beyond the last layer");
+  TORCH_CHECK(!layers.empty(), "sparsekern: the MLP program has no layer");
+  return layers;
+}
+
+void check_vectors(const std::vector<Tensor>& v, const std::vector<Layer>& layers, const char* what,
+                   bool allow_empty) {
+  TORCH_CHECK(v.size() == layers.size(), "sparsekern: ", v.size(), " ", what, " for ",
+              layers.size(), " layers");
+  for (size_t l = 0; l < v.size(); ++l) {
+    const bool empty_ok = allow_empty && v[l].numel() == 0;
+    TORCH_CHECK(empty_ok || (v[l].dim() == 1 && v[l].numel() == layers[l].n_out),
+                "sparsekern: layer ", l, " ", what, " has shape ", v[l].sizes(), ", expected [",
+                layers[l].n_out, "]");
+    TORCH_CHECK(v[l].is_contiguous(), "sparsekern: layer ", l, " ", what, " must be contiguous");
+  }
+}
+
+// [x0 | tan0[0] | ... | tan0[K-1]] as one [n0, (1+K) B] matrix.
+Tensor stack_columns(const Tensor& x0, const Tensor& tan0) {
+  if (tan0.size(0) == 0) return x0;
+  return at::cat({x0, tan0.permute({1, 0, 2}).reshape({x0.size(0), -1})}, 1);
+}
+
+// X = [sigma(a) | sigma'(a) * u] with a = s * M_h + c, u = s * M_v (identity on
+// the last layer). X may alias M.
+template <typename T>
+void epilogue_fwd(const T* M, T* X, const T* scale, const T* shift, int64_t rows, int64_t B,
+                  int64_t K, int64_t act, bool last) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t ld = (1 + K) * B;
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const Vec s(scale ? scale[r] : T(1)), c(shift[r]);
+      const T* m = M + r * ld;
+      T* x = X + r * ld;
+      for (int64_t j = 0; j < B; j += V) {
+        const int64_t n = std::min<int64_t>(V, B - j);
+        const Vec a = s * Vec::loadu(m + j, n) + c;
+        Vec h = a, d1(T(1));
+        if (!last) ActVec<T>::value_d1(act, a, h, d1);
+        for (int64_t k = 1; k <= K; ++k) {
+          const Vec u = s * Vec::loadu(m + k * B + j, n);
+          (last ? u : d1 * u).store(x + k * B + j, n);
+        }
+        h.store(x + j, n);
+      }
+    }
+  });
+}
+
+// Reverse of epilogue_fwd. Xbar (the cotangent of X) is overwritten with
+// Mbar = s * G, G being the cotangent of the scaled pre-activations [a | u].
+// Per row: g_shift = sum G_h, g_scale = sum G * M.
+template <typename T>
+void epilogue_bwd(const T* M, T* Xbar, const T* scale, const T* shift, T* g_scale, T* g_shift,
+                  int64_t rows, int64_t B, int64_t K, int64_t act, bool last) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t ld = (1 + K) * B;
+  auto sum = [](Vec& p, Vec& q) { return p + q; };
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const Vec s(scale ? scale[r] : T(1)), c(shift[r]);
+      const T* m = M + r * ld;
+      T* xb = Xbar + r * ld;
+      Vec acc_shift(T(0)), acc_scale(T(0));
+      for (int64_t j = 0; j < B; j += V) {
+        const int64_t n = std::min<int64_t>(V, B - j);
+        const Vec mh = Vec::loadu(m + j, n);
+        Vec gh = Vec::loadu(xb + j, n);
+        if (!last) {
+          Vec d1, d2;
+          ActVec<T>::d1_d2(act, s * mh + c, d1, d2);
+          Vec t(T(0));
+          for (int64_t k = 1; k <= K; ++k) {
+            const Vec vb = Vec::loadu(xb + k * B + j, n);
+            t = t + vb * (s * Vec::loadu(m + k * B + j, n));
+            const Vec gv = vb * d1;
+            acc_scale = acc_scale + gv * Vec::loadu(m + k * B + j, n);
+            (s * gv).store(xb + k * B + j, n);
+          }
+          gh = gh * d1 + t * d2;
+        } else {
+          for (int64_t k = 1; k <= K; ++k) {
+            const Vec gv = Vec::loadu(xb + k * B + j, n);
+            acc_scale = acc_scale + gv * Vec::loadu(m + k * B + j, n);
+            (s * gv).store(xb + k * B + j, n);
+          }
+        }
+        // Partial loads are zero-filled beyond n, so the padded lanes add zeros.
+        acc_shift = acc_shift + gh;
+        acc_scale = acc_scale + gh * mh;
+        (s * gh).store(xb + j, n);
+      }
+      g_shift[r] = at::vec::vec_reduce_all<T>(sum, acc_shift);
+      if (g_scale) g_scale[r] = at::vec::vec_reduce_all<T>(sum, acc_scale);
+    }
+  });
+}
+
+// div_b = sum_k <probe_k[:, b], V_k[:, b]>, or sum_k V_k[k, b] for unit probes.
+template <typename T>
+void contract_divergence(const T* X, const T* probe, T* div, int64_t d, int64_t B, int64_t K,
+                         bool exact) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t ld = (1 + K) * B;
+  at::parallel_for(0, (B + V - 1) / V, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t j = c * V, n = std::min<int64_t>(V, B - j);
+      Vec acc(T(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const T* v = X + (1 + k) * B + j;
+        if (exact) {
+          acc = acc + Vec::loadu(v + k * ld, n);
+        } else {
+          for (int64_t i = 0; i < d; ++i) {
+            acc = at::vec::fmadd(Vec::loadu(probe + (k * d + i) * B + j, n),
+                                 Vec::loadu(v + i * ld, n), acc);
+          }
+        }
+      }
+      acc.store(div + j, n);
+    }
+  });
+}
+
+// The cotangent of the last layer's tangent columns: grad_div * probe.
+template <typename T>
+void probe_cotangent(const T* grad_div, const T* probe, T* Xbar, int64_t d, int64_t B, int64_t K,
+                     bool exact) {
+  const int64_t ld = (1 + K) * B;
+  at::parallel_for(0, d, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t k = 0; k < K; ++k) {
+        T* xb = Xbar + i * ld + (1 + k) * B;
+        if (exact) {
+          for (int64_t j = 0; j < B; ++j) xb[j] = i == k ? grad_div[j] : T(0);
+        } else {
+          const T* p = probe + (k * d + i) * B;
+          for (int64_t j = 0; j < B; ++j) xb[j] = grad_div[j] * p[j];
+        }
+      }
+    }
+  });
+}
+
+const Tensor* optional_ptr(const Tensor& t) { return t.numel() ? &t : nullptr; }
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_fwd(
+    const Tensor& x0, const Tensor& tan0, const Tensor& probe, const std::vector<Tensor>& weights,
+    const std::vector<Tensor>& scales, const std::vector<Tensor>& shifts,
+    const std::vector<int64_t>& layouts, int64_t act, bool exact, bool save) {
+  TORCH_CHECK(x0.dim() == 2 && x0.is_contiguous(), "sparsekern::mlp_fwd: x0 must be a contiguous ",
+              "[n0, B] matrix, got ", x0.sizes());
+  TORCH_CHECK(x0.scalar_type() == at::kFloat || x0.scalar_type() == at::kDouble,
+              "sparsekern cpu backend supports float32 and float64, got ", x0.scalar_type());
+  TORCH_CHECK(tan0.dim() == 3 && tan0.size(1) == x0.size(0) && tan0.size(2) == x0.size(1),
+              "sparsekern::mlp_fwd: tan0 must be [K, ", x0.size(0), ", ", x0.size(1), "], got ",
+              tan0.sizes());
+  const auto layers = parse_layers(weights, layouts, x0);
+  check_vectors(scales, layers, "scale", true);
+  check_vectors(shifts, layers, "shift", false);
+  const int64_t B = x0.size(1), K = tan0.size(0), d = layers.back().n_out;
+  TORCH_CHECK(!exact || K == d, "sparsekern::mlp_fwd: the exact trace needs K = d = ", d,
+              " unit tangents, got K = ", K);
+  TORCH_CHECK(exact || K == 0 || (probe.dim() == 3 && probe.size(0) == K && probe.size(1) == d &&
+                                  probe.size(2) == B),
+              "sparsekern::mlp_fwd: probe must be [", K, ", ", d, ", ", B, "], got ",
+              probe.sizes());
+  std::vector<Tensor> saved_m, saved_x;
+  Tensor x = stack_columns(x0, tan0);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const bool last = l + 1 == layers.size();
+    Tensor m = at::empty({layers[l].n_out, x.size(1)}, x0.options());
+    layer_matmul(layers[l].tensors, x, m, false);
+    // Without a backward to feed, the activations overwrite M in place.
+    Tensor out = save ? at::empty_like(m) : m;
+    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_fwd", [&] {
+      const Tensor* s = optional_ptr(scales[l]);
+      epilogue_fwd<scalar_t>(m.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                             s ? s->data_ptr<scalar_t>() : nullptr,
+                             shifts[l].data_ptr<scalar_t>(), layers[l].n_out, B, K, act, last);
+    });
+    if (save) {
+      saved_m.push_back(m);
+      if (!last) saved_x.push_back(out);
+    }
+    x = out;
+  }
+  Tensor f = x.narrow(1, 0, B).contiguous();
+  Tensor div = at::zeros({B}, x0.options());
+  if (K > 0) {
+    const Tensor pc = probe.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_div", [&] {
+      contract_divergence<scalar_t>(x.data_ptr<scalar_t>(),
+                                    exact ? nullptr : pc.data_ptr<scalar_t>(),
+                                    div.data_ptr<scalar_t>(), d, B, K, exact);
+    });
+  }
+  saved_m.insert(saved_m.end(), saved_x.begin(), saved_x.end());
+  return {f, div, saved_m};
+}
+
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_bwd(
+    const Tensor& grad_f, const Tensor& grad_div, const Tensor& x0, const Tensor& tan0,
+    const Tensor& probe, const std::vector<Tensor>& weights, const std::vector<Tensor>& scales,
+    const std::vector<Tensor>& shifts, const std::vector<int64_t>& layouts, int64_t act, bool exact,
+    const std::vector<Tensor>& saved) {
+  const auto layers = parse_layers(weights, layouts, x0);
+  const size_t L = layers.size();
+  check_vectors(scales, layers, "scale", true);
+  check_vectors(shifts, layers, "shift", false);
+  TORCH_CHECK(saved.size() == 2 * L - 1, "sparsekern::mlp_bwd: expected ", 2 * L - 1,
+              " saved tensors (mlp_fwd with save=True), got ", saved.size());
+  const int64_t B = x0.size(1), K = tan0.size(0), d = layers.back().n_out;
+  TORCH_CHECK(grad_f.sizes() == at::IntArrayRef({d, B}) && grad_div.sizes() == at::IntArrayRef({B}),
+              "sparsekern::mlp_bwd: grad_f must be [", d, ", ", B, "] and grad_div [", B, "]");
+  Tensor xbar = at::empty({d, (1 + K) * B}, x0.options());
+  xbar.narrow(1, 0, B).copy_(grad_f);
+  if (K > 0) {
+    const Tensor pc = probe.contiguous(), gd = grad_div.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_probe", [&] {
+      probe_cotangent<scalar_t>(gd.data_ptr<scalar_t>(), exact ? nullptr : pc.data_ptr<scalar_t>(),
+                                xbar.data_ptr<scalar_t>(), d, B, K, exact);
+    });
+  }
+  std::vector<Tensor> g_w(L), g_scale(L), g_shift(L);
+  Tensor grad_x0;
+  for (size_t li = L; li-- > 0;) {
+    const Layer& layer = layers[li];
+    const bool last = li + 1 == L;
+    const Tensor& m = saved[li];
+    const Tensor x_in = li == 0 ? stack_columns(x0, tan0) : saved[L + li - 1];
+    g_shift[li] = at::empty({layer.n_out}, x0.options());
+    g_scale[li] = scales[li].numel() ? at::empty({layer.n_out}, x0.options())
+                                     : at::empty({0}, x0.options());
+    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_bwd", [&] {
+      const Tensor* s = optional_ptr(scales[li]);
+      epilogue_bwd<scalar_t>(m.data_ptr<scalar_t>(), xbar.data_ptr<scalar_t>(),
+                             s ? s->data_ptr<scalar_t>() : nullptr, shifts[li].data_ptr<scalar_t>(),
+                             s ? g_scale[li].data_ptr<scalar_t>() : nullptr,
+                             g_shift[li].data_ptr<scalar_t>(), layer.n_out, B, K, act, last);
+    });
+    // xbar now holds Mbar, the cotangent of M = W x_in.
+    if (layer.csr()) {
+      g_w[li] = sddmm(layer.tensors[0], layer.tensors[1], xbar, x_in);
+    } else {
+      g_w[li] = at::mm(xbar, x_in.t());
+    }
+    // The first layer's tangent inputs are constants: only the state columns.
+    const Tensor mbar = li == 0 ? xbar.narrow(1, 0, B) : xbar;
+    Tensor next = at::empty({layer.n_in, mbar.size(1)}, x0.options());
+    layer_matmul(layer.tensors, mbar, next, true);
+    if (li == 0) {
+      grad_x0 = next;
+    } else {
+      xbar = next;
+    }
+  }
+  return {grad_x0, g_w, g_scale, g_shift};
+}
+
+}  // namespace cpu
+}  // namespace sparsekern

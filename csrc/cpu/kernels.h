@@ -1,0 +1,270 @@
+// CPU kernels of the sparse engine: CSR x dense, SDDMM and the activation
+// functors of the fused MLP program. Feature-major throughout: a batch of N
+// vectors of width n is an [n, N] row-major matrix, so every sparse row of W
+// streams contiguous batch rows of x and the batch is the vector dimension.
+// Plain-PyTorch references of every function here: sparsekern/ref.py.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace sparsekern {
+namespace cpu {
+
+using at::Tensor;
+
+// Row blocks of about equal work, counting each row as its nnz plus one (the
+// row's output is written even when it is empty), so that threads get equal
+// shares when the pattern's rows are uneven.
+inline std::vector<int64_t> balanced_row_blocks(const int32_t* rowptr, int64_t n_rows,
+                                                int64_t n_blocks) {
+  std::vector<int64_t> bounds{0};
+  const int64_t total = (n_rows > 0 ? rowptr[n_rows] : 0) + n_rows;
+  n_blocks = std::max<int64_t>(1, std::min(n_blocks, n_rows));
+  for (int64_t b = 1; b < n_blocks; ++b) {
+    const int64_t target = total * b / n_blocks;
+    int64_t lo = bounds.back(), hi = n_rows;  // first r with rowptr[r] + r >= target
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (rowptr[mid] + mid < target) lo = mid + 1; else hi = mid;
+    }
+    if (lo > bounds.back() && lo < n_rows) bounds.push_back(lo);
+  }
+  bounds.push_back(n_rows);
+  return bounds;
+}
+
+// Columns per panel: the panel of x (n_in x panel) should stay in L2 while all
+// rows of W stream over it.
+template <typename T>
+inline int64_t panel_width(int64_t n_in, int64_t n_cols, int64_t vec) {
+  constexpr int64_t kL2Budget = 384 * 1024;
+  int64_t w = kL2Budget / (std::max<int64_t>(n_in, 1) * static_cast<int64_t>(sizeof(T)));
+  w = std::max<int64_t>(4 * vec, w / (4 * vec) * (4 * vec));
+  return std::min(w, std::max<int64_t>(n_cols, 1));
+}
+
+// y[r, 0:N] = sum_k vals[p(k)] * x[col[k], 0:N] for k in rowptr[r]:rowptr[r+1],
+// with p the identity or ``perm`` (the stored transpose reads W's values in
+// place). x has leading dimension ldx, y has ldy.
+template <typename T>
+void csr_matmul(const int32_t* rowptr, const int32_t* col, const int32_t* perm, const T* vals,
+                const T* x, int64_t ldx, T* y, int64_t ldy, int64_t n_rows, int64_t n_in,
+                int64_t N) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t U = 4;  // four vector accumulators: enough FMAs in flight to hide latency
+  constexpr int64_t TILE = U * V;
+  if (n_rows == 0 || N == 0) return;
+  const int64_t panel = panel_width<T>(n_in, N, V);
+  const int64_t n_panels = (N + panel - 1) / panel;
+  const int64_t threads = at::get_num_threads();
+  const int64_t want_blocks = std::max<int64_t>(1, (4 * threads + n_panels - 1) / n_panels);
+  const auto bounds = balanced_row_blocks(rowptr, n_rows, want_blocks);
+  const int64_t n_blocks = static_cast<int64_t>(bounds.size()) - 1;
+  // Panel-major task order: consecutive tasks (one thread's share) share a panel.
+  at::parallel_for(0, n_panels * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j0 = (task / n_blocks) * panel;
+      const int64_t j1 = std::min(N, j0 + panel);
+      const int64_t blk = task % n_blocks;
+      for (int64_t r = bounds[blk]; r < bounds[blk + 1]; ++r) {
+        const int64_t k0 = rowptr[r], k1 = rowptr[r + 1];
+        T* yr = y + r * ldy;
+        int64_t j = j0;
+        for (; j + TILE <= j1; j += TILE) {
+          Vec acc[U];
+          for (int64_t u = 0; u < U; ++u) acc[u] = Vec(T(0));
+          for (int64_t k = k0; k < k1; ++k) {
+            const Vec w(vals[perm ? perm[k] : k]);
+            const T* xr = x + static_cast<int64_t>(col[k]) * ldx + j;
+            for (int64_t u = 0; u < U; ++u) acc[u] = at::vec::fmadd(w, Vec::loadu(xr + u * V), acc[u]);
+          }
+          for (int64_t u = 0; u < U; ++u) acc[u].store(yr + j + u * V);
+        }
+        for (; j < j1; j += V) {
+          const int64_t n = std::min<int64_t>(V, j1 - j);
+          Vec acc(T(0));
+          for (int64_t k = k0; k < k1; ++k) {
+            const Vec w(vals[perm ? perm[k] : k]);
+            acc = at::vec::fmadd(w, Vec::loadu(x + static_cast<int64_t>(col[k]) * ldx + j, n), acc);
+          }
+          acc.store(yr + j, n);
+        }
+      }
+    }
+  });
+}
+
+// out[k] = sum_j a[row_k, j] * b[col_k, j] over j < N: (a b^T) at the kept places.
+template <typename T>
+void csr_sddmm(const int32_t* rowptr, const int32_t* col, const T* a, int64_t lda, const T* b,
+               int64_t ldb, T* out, int64_t n_rows, int64_t n_in, int64_t N) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t U = 4;
+  const int64_t nnz = n_rows > 0 ? rowptr[n_rows] : 0;
+  if (nnz == 0) return;
+  std::fill(out, out + nnz, T(0));
+  if (N == 0) return;
+  const int64_t panel = panel_width<T>(n_in, N, V);
+  const auto bounds = balanced_row_blocks(rowptr, n_rows, 4 * at::get_num_threads());
+  const int64_t n_blocks = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      // Panels outside rows: b's panel stays cached across the block's rows.
+      for (int64_t j0 = 0; j0 < N; j0 += panel) {
+        const int64_t j1 = std::min(N, j0 + panel);
+        for (int64_t r = bounds[blk]; r < bounds[blk + 1]; ++r) {
+          const T* ar = a + r * lda;
+          for (int64_t k = rowptr[r]; k < rowptr[r + 1]; ++k) {
+            const T* br = b + static_cast<int64_t>(col[k]) * ldb;
+            Vec acc[U];
+            for (int64_t u = 0; u < U; ++u) acc[u] = Vec(T(0));
+            int64_t j = j0;
+            for (; j + U * V <= j1; j += U * V) {
+              for (int64_t u = 0; u < U; ++u) {
+                acc[u] = at::vec::fmadd(Vec::loadu(ar + j + u * V), Vec::loadu(br + j + u * V),
+                                        acc[u]);
+              }
+            }
+            for (; j < j1; j += V) {
+              const int64_t n = std::min<int64_t>(V, j1 - j);
+              acc[0] = at::vec::fmadd(Vec::loadu(ar + j, n), Vec::loadu(br + j, n), acc[0]);
+            }
+            const Vec s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+            out[k] += at::vec::vec_reduce_all<T>([](Vec& p, Vec& q) { return p + q; }, s);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Activation ids: sparsekern/activations.py ACT_IDS.
+enum Act : int64_t { kIdentity = 0, kTanh = 1, kSigmoid = 2, kSoftplus = 3, kRelu = 4, kElu = 5, kSwish = 6 };
+
+template <typename T>
+struct ActVec {
+  using Vec = at::vec::Vectorized<T>;
+
+  static Vec sigmoid(const Vec& a) { return (Vec(T(1)) + a.neg().exp()).reciprocal(); }
+
+  // h = sigma(a), d1 = sigma'(a); the formulas follow sparsekern/activations.py.
+  static void value_d1(int64_t act, const Vec& a, Vec& h, Vec& d1) {
+    const Vec one(T(1)), zero(T(0));
+    switch (act) {
+      case kTanh:
+        h = a.tanh();
+        d1 = one - h * h;
+        return;
+      case kSigmoid:
+        h = sigmoid(a);
+        d1 = h * (one - h);
+        return;
+      case kSoftplus: {
+        const Vec lin = a > Vec(T(20));
+        h = Vec::blendv(a.exp().log1p(), a, lin);
+        d1 = Vec::blendv(sigmoid(a), one, lin);
+        return;
+      }
+      case kRelu: {
+        const Vec pos = a > zero;
+        h = at::vec::maximum(a, zero);
+        d1 = Vec::blendv(zero, one, pos);
+        return;
+      }
+      case kElu: {
+        const Vec pos = a > zero;
+        const Vec neg = at::vec::minimum(a, zero);
+        h = Vec::blendv(neg.expm1(), a, pos);
+        d1 = Vec::blendv(neg.exp(), one, pos);
+        return;
+      }
+      case kSwish: {
+        const Vec s = sigmoid(a);
+        h = a * s;
+        d1 = s * (one + a * (one - s));
+        return;
+      }
+      default:
+        h = a;
+        d1 = one;
+    }
+  }
+
+  // d1 = sigma'(a), d2 = sigma''(a).
+  static void d1_d2(int64_t act, const Vec& a, Vec& d1, Vec& d2) {
+    const Vec one(T(1)), zero(T(0)), two(T(2));
+    switch (act) {
+      case kTanh: {
+        const Vec h = a.tanh();
+        d1 = one - h * h;
+        d2 = Vec(T(-2)) * h * d1;
+        return;
+      }
+      case kSigmoid: {
+        const Vec h = sigmoid(a);
+        d1 = h * (one - h);
+        d2 = d1 * (one - two * h);
+        return;
+      }
+      case kSoftplus: {
+        const Vec lin = a > Vec(T(20));
+        const Vec s = sigmoid(a);
+        d1 = Vec::blendv(s, one, lin);
+        d2 = Vec::blendv(s * (one - s), zero, lin);
+        return;
+      }
+      case kRelu:
+        d1 = Vec::blendv(zero, one, a > zero);
+        d2 = zero;
+        return;
+      case kElu: {
+        const Vec pos = a > zero;
+        const Vec e = at::vec::minimum(a, zero).exp();
+        d1 = Vec::blendv(e, one, pos);
+        d2 = Vec::blendv(e, zero, pos);
+        return;
+      }
+      case kSwish: {
+        const Vec s = sigmoid(a);
+        d1 = s * (one + a * (one - s));
+        d2 = s * (one - s) * (two + a * (one - two * s));
+        return;
+      }
+      default:
+        d1 = one;
+        d2 = zero;
+    }
+  }
+};
+
+// Entry points (sparse_ops.cpp, fused_mlp.cpp); semantics in sparsekern/ref.py.
+Tensor spmm(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t, const Tensor& col_t,
+            const Tensor& perm, const Tensor& vals, const Tensor& x, bool transpose);
+Tensor sddmm(const Tensor& rowptr, const Tensor& col, const Tensor& a, const Tensor& b);
+
+// y = W x into y (a view with unit column stride) for a dense or CSR layer; x may
+// be a column slice of a larger matrix.
+void layer_matmul(const std::vector<Tensor>& layer, const Tensor& x, Tensor& y, bool transpose);
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_fwd(
+    const Tensor& x0, const Tensor& tan0, const Tensor& probe, const std::vector<Tensor>& weights,
+    const std::vector<Tensor>& scales, const std::vector<Tensor>& shifts,
+    const std::vector<int64_t>& layouts, int64_t act, bool exact, bool save);
+
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_bwd(
+    const Tensor& grad_f, const Tensor& grad_div, const Tensor& x0, const Tensor& tan0,
+    const Tensor& probe, const std::vector<Tensor>& weights, const std::vector<Tensor>& scales,
+    const std::vector<Tensor>& shifts, const std::vector<int64_t>& layouts, int64_t act, bool exact,
+    const std::vector<Tensor>& saved);
+
+}  // namespace cpu
+}  // namespace sparsekern

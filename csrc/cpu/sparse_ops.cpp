@@ -1,0 +1,106 @@
+// CSR x dense (W x, W^T x) and SDDMM entry points; references: sparsekern/ref.py.
+#include "kernels.h"
+
+#include <c10/util/Exception.h>
+
+namespace sparsekern {
+namespace cpu {
+
+namespace {
+
+void check_index(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous(),
+              "sparsekern: CSR ", name, " must be a contiguous 1-D int32 tensor, got ",
+              t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "sparsekern cpu backend: ", name, " is on ", t.device());
+}
+
+void check_dense(const Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "sparsekern cpu backend: ", name, " is on ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "sparsekern: ", name, " has dtype ", t.scalar_type(),
+              ", expected ", dtype);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "sparsekern cpu backend supports float32 and float64, got ", t.scalar_type());
+}
+
+}  // namespace
+
+Tensor spmm(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t, const Tensor& col_t,
+            const Tensor& perm, const Tensor& vals, const Tensor& x, bool transpose) {
+  check_index(rowptr, "rowptr");
+  check_index(col, "col");
+  check_index(rowptr_t, "rowptr_t");
+  check_index(col_t, "col_t");
+  check_index(perm, "perm");
+  check_dense(vals, "vals", x.scalar_type());
+  check_dense(x, "x", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "sparsekern::spmm: x must be 2-D [features, N], got ", x.sizes());
+  const int64_t n_rows = rowptr.numel() - 1, n_cols = rowptr_t.numel() - 1;
+  const int64_t n_in = transpose ? n_rows : n_cols, n_out = transpose ? n_cols : n_rows;
+  TORCH_CHECK(vals.numel() == col.numel(), "sparsekern::spmm: vals has ", vals.numel(),
+              " entries, the pattern ", col.numel());
+  TORCH_CHECK(x.size(0) == n_in, "sparsekern::spmm: x has ", x.size(0), " rows, expected ", n_in);
+  const Tensor xc = x.contiguous();
+  const Tensor v = vals.contiguous();
+  Tensor y = at::empty({n_out, x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_spmm", [&] {
+    if (transpose) {
+      csr_matmul<scalar_t>(rowptr_t.data_ptr<int32_t>(), col_t.data_ptr<int32_t>(),
+                           perm.data_ptr<int32_t>(), v.data_ptr<scalar_t>(),
+                           xc.data_ptr<scalar_t>(), xc.size(1), y.data_ptr<scalar_t>(), y.size(1),
+                           n_out, n_in, x.size(1));
+    } else {
+      csr_matmul<scalar_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr,
+                           v.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), xc.size(1),
+                           y.data_ptr<scalar_t>(), y.size(1), n_out, n_in, x.size(1));
+    }
+  });
+  return y;
+}
+
+Tensor sddmm(const Tensor& rowptr, const Tensor& col, const Tensor& a, const Tensor& b) {
+  check_index(rowptr, "rowptr");
+  check_index(col, "col");
+  check_dense(a, "a", a.scalar_type());
+  check_dense(b, "b", a.scalar_type());
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1),
+              "sparsekern::sddmm: a [R, N] and b [C, N] must share N, got ", a.sizes(), " and ",
+              b.sizes());
+  TORCH_CHECK(a.size(0) == rowptr.numel() - 1, "sparsekern::sddmm: a has ", a.size(0),
+              " rows, the pattern ", rowptr.numel() - 1);
+  const Tensor ac = a.contiguous(), bc = b.contiguous();
+  Tensor out = at::empty({col.numel()}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_sddmm", [&] {
+    csr_sddmm<scalar_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
+                        ac.data_ptr<scalar_t>(), ac.size(1), bc.data_ptr<scalar_t>(), bc.size(1),
+                        out.data_ptr<scalar_t>(), ac.size(0), bc.size(0), ac.size(1));
+  });
+  return out;
+}
+
+void layer_matmul(const std::vector<Tensor>& layer, const Tensor& x, Tensor& y, bool transpose) {
+  TORCH_INTERNAL_ASSERT(x.stride(1) == 1 && y.stride(1) == 1);
+  if (layer.size() == 1) {
+    const Tensor& w = layer[0];
+    at::mm_out(y, transpose ? w.t() : w, x);
+    return;
+  }
+  const Tensor &rowptr = layer[0], &col = layer[1], &rowptr_t = layer[2], &col_t = layer[3],
+               &perm = layer[4], &vals = layer[5];
+  const int64_t n_rows = rowptr.numel() - 1, n_cols = rowptr_t.numel() - 1;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_layer_matmul", [&] {
+    if (transpose) {
+      csr_matmul<scalar_t>(rowptr_t.data_ptr<int32_t>(), col_t.data_ptr<int32_t>(),
+                           perm.data_ptr<int32_t>(), vals.data_ptr<scalar_t>(),
+                           x.data_ptr<scalar_t>(), x.stride(0), y.data_ptr<scalar_t>(),
+                           y.stride(0), n_cols, n_rows, x.size(1));
+    } else {
+      csr_matmul<scalar_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(), nullptr,
+                           vals.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0),
+                           y.data_ptr<scalar_t>(), y.stride(0), n_rows, n_cols, x.size(1));
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace sparsekern

@@ -1,0 +1,4 @@
+"""Kernel backends behind the op registry (``sparsekern.ops``): cpu (C++), cuda (C++/CUDA).
+
+The ``ref`` backend is ``sparsekern.ref``; Triton kernels live in ``sparsekern.triton``.
+"""

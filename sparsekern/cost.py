@@ -1,0 +1,90 @@
+"""Per-layer layout choice for ``layout="auto"``: measure the candidates, keep the fastest.
+
+A cost model fitted once cannot know how a given machine's BLAS compares with
+our CSR kernel at a given shape and density, so the model is the measurement
+itself: each candidate layout multiplies the layer's own core pattern with a
+batch of ``batch_hint`` columns (state plus one tangent, as the fused tier
+does), a few times, and the median wins. Clear cases skip the measurement:
+above ``DENSE_ABOVE`` density the dense GEMM wins, below ``CSR_BELOW`` CSR does.
+Results are cached per (shape, nnz, batch, dtype, backend) for the process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from sparsekern.formats import CSRPattern
+
+DENSE_ABOVE = 0.5
+CSR_BELOW = 0.05
+REPEATS = 5
+
+_cache: dict[tuple, str] = {}
+
+
+def _time(fn, device: torch.device) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _csr_kernel(backend: str):
+    if backend == "cpu":
+        from sparsekern.backends import cpu
+
+        return cpu.extension().spmm
+    if backend == "triton":
+        from sparsekern import triton as triton_backend
+
+        return triton_backend.spmm
+    if backend == "cuda":
+        from sparsekern.backends import cuda
+
+        return cuda.extension().spmm
+    return None
+
+
+def measure_layouts(mask: torch.Tensor, n_batch: int, dtype: torch.dtype, backend: str) -> (
+    dict[str, float]
+):
+    """Seconds per product W x for each candidate layout of the core ``mask`` [R, C]."""
+    device = mask.device
+    r, c = mask.shape
+    x = torch.randn(c, n_batch, dtype=dtype, device=device)
+    w = torch.randn(r, c, dtype=dtype, device=device) * mask
+    out = {"dense": _time(lambda: w @ x, device)}
+    kernel = _csr_kernel(backend)
+    if kernel is not None:
+        p = CSRPattern.from_mask(mask)
+        vals = w[mask]
+        args = (*p.tensors(), vals, x, False)
+        out["csr"] = _time(lambda: kernel(*args), device)
+    return out
+
+
+def choose_layout(mask: torch.Tensor, n_batch: int, dtype: torch.dtype, backend: str) -> str:
+    """"dense" or "csr" for a core of kept places ``mask`` [R, C] at ``n_batch`` columns."""
+    r, c = mask.shape
+    nnz = int(mask.sum())
+    density = nnz / (r * c) if r * c else 1.0
+    if r * c == 0 or density >= DENSE_ABOVE:
+        return "dense"
+    if density <= CSR_BELOW:
+        return "csr"
+    if backend == "ref":
+        return "dense" if density >= 0.3 else "csr"
+    key = (r, c, nnz, n_batch, dtype, backend, mask.device.type)
+    if key not in _cache:
+        times = measure_layouts(mask, n_batch, dtype, backend)
+        _cache[key] = min(times, key=times.get)
+    return _cache[key]

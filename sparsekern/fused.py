@@ -1,0 +1,372 @@
+"""The fused tier: recognised MLP vector fields as one forward + JVP program.
+
+Recognised: ``flows.ODEnet`` (time "none", "concat", "concatsquash"; any of its
+activations) and ``nn.Sequential`` chains Linear, act, ..., Linear with one
+elementwise activation type (torchdyn style, f(z)).
+
+Each layer becomes ``a = scale * (W_core x) + shift`` with W_core a
+``CoreMatrix`` over the live neurons; the time terms (concat's time column,
+concatsquash's gate and bias) and the folded constants of dead neurons enter
+through the per-call vectors ``scale`` and ``shift``, computed by ordinary
+differentiable PyTorch from the kept parameters.
+
+Neuron reduction (``SparseConfig.reduce_neurons``), on the kept state weights:
+- alive: depends on z (reads a kept weight from an alive neuron; all state
+  dims are alive);
+- needed: some output depends on it (is read through a kept weight by a
+  needed neuron of the next layer; all outputs are needed).
+Alive and needed neurons are computed; needed but dead ones are constants
+act(shift) (t-dependent, never z-dependent), folded into the next layer's
+shift; the rest are dropped. Their parameters stay in the ``KeptTensor`` of
+their layer, so they still receive (zero) gradients and optimiser steps exactly
+as in the dense masked model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsekern import ops
+from sparsekern.activations import ACT_FNS, ACT_IDS, activation_name
+from sparsekern.config import SparseConfig
+from sparsekern.cost import choose_layout
+from sparsekern.field import CompiledField
+from sparsekern.linear import CoreMatrix, KeptTensor
+from sparsekern.masks import CompileError, MaskedTensor, masked_tensor
+
+
+@dataclass
+class ChainLayer:
+    """One linear layer of a recognised MLP, as masked tensors."""
+
+    name: str
+    weight: MaskedTensor  # [out, in] (+1 time column for concat)
+    bias: MaskedTensor | None
+    time: str = "none"  # "none" | "concat" | "concatsquash"
+    gate_weight: MaskedTensor | None = None  # concatsquash: sigmoid(gate_weight t + gate_bias)
+    gate_bias: MaskedTensor | None = None
+    time_weight: MaskedTensor | None = None  # concatsquash: + time_weight t
+
+
+@dataclass
+class Chain:
+    layers: list[ChainLayer]
+    act: str
+    in_dim: int
+
+
+def _linear(module: nn.Linear, name: str) -> tuple[MaskedTensor, MaskedTensor | None]:
+    weight = masked_tensor(module, name, "weight")
+    bias = masked_tensor(module, name, "bias", zeros_are_pruned=False)
+    return weight, bias
+
+
+def _dense(module: nn.Module | None, name: str, attr: str) -> MaskedTensor | None:
+    if module is None:
+        return None
+    return masked_tensor(module, name, attr, zeros_are_pruned=False)
+
+
+def recognise_chain(f: nn.Module) -> Chain | None:
+    """The MLP structure of ``f`` if the fused tier can compile it, else None."""
+    from flows.odenet import ConcatLinear, ConcatSquashLinear, ODEnet
+
+    if isinstance(f, ODEnet):
+        act = activation_name(f.acts[0]) if len(f.acts) else "identity"
+        if act is None or any(activation_name(a) != act for a in f.acts):
+            return None
+        layers = []
+        for i, layer in enumerate(f.layers):
+            if isinstance(layer, nn.Linear):
+                w, b = _linear(layer, f"layers.{i}")
+                layers.append(ChainLayer(f"layers.{i}", w, b))
+            elif isinstance(layer, ConcatLinear):
+                w, b = _linear(layer.linear, f"layers.{i}.linear")
+                layers.append(ChainLayer(f"layers.{i}.linear", w, b, "concat"))
+            elif isinstance(layer, ConcatSquashLinear):
+                name = f"layers.{i}"
+                w, b = _linear(layer.linear, f"{name}.linear")
+                layers.append(ChainLayer(
+                    f"{name}.linear", w, b, "concatsquash",
+                    gate_weight=_dense(layer.hyper_gate, f"{name}.hyper_gate", "weight"),
+                    gate_bias=_dense(layer.hyper_gate, f"{name}.hyper_gate", "bias"),
+                    time_weight=_dense(layer.hyper_bias, f"{name}.hyper_bias", "weight"),
+                ))
+            else:
+                return None
+        return Chain(layers, act, f.in_dim)
+    if isinstance(f, nn.Sequential) and len(f) % 2 == 1:
+        mods = list(f)
+        linears, acts = mods[0::2], mods[1::2]
+        if not all(type(m) is nn.Linear for m in linears):
+            return None
+        names = [activation_name(a) for a in acts]
+        act = names[0] if names else "identity"
+        if act is None or any(n != act for n in names):
+            return None
+        layers = [ChainLayer(str(2 * i), *_linear(m, str(2 * i))) for i, m in enumerate(linears)]
+        for a, b in itertools.pairwise(layers):
+            if a.weight.mask.shape[0] != b.weight.mask.shape[1]:
+                return None
+        if layers[-1].weight.mask.shape[0] != layers[0].weight.mask.shape[1]:
+            return None  # not a vector field (output width differs from input width)
+        return Chain(layers, act, layers[0].weight.mask.shape[1])
+    return None
+
+
+def _state_mask(layer: ChainLayer) -> torch.Tensor:
+    mask = layer.weight.mask
+    return mask[:, :-1] if layer.time == "concat" else mask
+
+
+def reduce_chain(chain: Chain, reduce: bool) -> list[dict[str, torch.Tensor]]:
+    """Per layer: ``rows`` (computed), ``cols`` (read), ``dead`` (folded constants), as int64."""
+    masks = [_state_mask(layer) for layer in chain.layers]
+    n = len(masks)
+    dev = masks[0].device
+    alive = []
+    prev = torch.ones(chain.in_dim, dtype=torch.bool, device=dev)
+    for m in masks:
+        prev = (m & prev[None, :]).any(1) if reduce else torch.ones(m.shape[0], dtype=torch.bool,
+                                                                   device=dev)
+        alive.append(prev)
+    needed = [None] * n
+    needed[-1] = torch.ones(masks[-1].shape[0], dtype=torch.bool, device=dev)
+    for i in range(n - 1, 0, -1):
+        needed[i - 1] = ((masks[i] & needed[i][:, None]).any(0) if reduce
+                         else torch.ones(masks[i].shape[1], dtype=torch.bool, device=dev))
+    plan = []
+    prev_rows = None
+    for i, m in enumerate(masks):
+        last = i == n - 1
+        rows = torch.ones_like(needed[i]) if last else alive[i] & needed[i]
+        dead = torch.zeros_like(rows) if last else needed[i] & ~alive[i]
+        if i == 0:
+            cols = ((m & rows[:, None]).any(0) if reduce
+                    else torch.ones(m.shape[1], dtype=torch.bool, device=dev))
+        else:
+            cols = prev_rows
+        plan.append({
+            "rows": rows.nonzero().squeeze(1),
+            "cols": cols.nonzero().squeeze(1),
+            "dead": dead.nonzero().squeeze(1),
+        })
+        prev_rows = rows
+    return plan
+
+
+class FusedLayer(nn.Module):
+    """One layer of a FusedMLP: kept parameters, its core and its fold of dead inputs."""
+
+    def __init__(self, layer: ChainLayer, plan: dict[str, torch.Tensor],
+                 prev_dead: torch.Tensor | None, layout: str) -> None:
+        super().__init__()
+        self.name = layer.name
+        self.time = layer.time
+        self.weight = KeptTensor(layer.weight)
+        self.bias = None if layer.bias is None else KeptTensor(layer.bias)
+        self.gate_weight = None if layer.gate_weight is None else KeptTensor(layer.gate_weight)
+        self.gate_bias = None if layer.gate_bias is None else KeptTensor(layer.gate_bias)
+        self.time_weight = None if layer.time_weight is None else KeptTensor(layer.time_weight)
+        n_out, n_in_total = self.weight.shape
+        self.n_out = n_out
+        self.n_in = n_in_total - 1 if layer.time == "concat" else n_in_total
+        rows, cols, dead = plan["rows"], plan["cols"], plan["dead"]
+        self.all_rows = rows.numel() == n_out
+        self.register_buffer("rows", rows)
+        self.register_buffer("dead", dead if dead.numel() else None)
+        self.core = CoreMatrix(self.weight, rows, cols, layout)
+        r = self.weight.flat_index // n_in_total
+        c = self.weight.flat_index % n_in_total
+        if layer.time == "concat":
+            t_sel = (c == self.n_in).nonzero().squeeze(1)
+            self.register_buffer("time_sel", t_sel)
+            self.register_buffer("time_rows", r[t_sel])
+        # Kept weights from dead (constant) neurons of the previous layer.
+        self.register_buffer("fold_sel", None)
+        if prev_dead is not None and prev_dead.numel():
+            pos = torch.full((n_in_total,), -1, dtype=torch.long, device=c.device)
+            pos[prev_dead] = torch.arange(prev_dead.numel(), device=c.device)
+            sel = (pos[c] >= 0).nonzero().squeeze(1)
+            if sel.numel():
+                self.fold_sel = sel
+                self.register_buffer("fold_index", r[sel] * prev_dead.numel() + pos[c[sel]])
+                self.n_fold = prev_dead.numel()
+
+    def affine(self, t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor | None,
+                                                                           torch.Tensor]:
+        """(scale, shift) over all n_out rows at time t, before folding: a = scale * Wx + shift."""
+        shift = self.bias.dense() if self.bias is not None else like.new_zeros(self.n_out)
+        if self.time == "none":
+            return None, shift
+        tt = torch.as_tensor(t, dtype=like.dtype, device=like.device).reshape(())
+        if self.time == "concat":
+            col = self.weight.values.index_select(0, self.time_sel)
+            wt = col.new_zeros(self.n_out).index_put((self.time_rows,), col)
+            return None, shift + tt * wt
+        gate_b = self.gate_bias.dense() if self.gate_bias is not None else 0
+        gate = torch.sigmoid(self.gate_weight.dense().view(-1) * tt + gate_b)
+        return gate, shift * gate + self.time_weight.dense().view(-1) * tt
+
+    def fold(self, consts: torch.Tensor) -> torch.Tensor:
+        """W[:, dead_prev] @ consts over all n_out rows."""
+        vals = self.weight.values.index_select(0, self.fold_sel)
+        w = vals.new_zeros(self.n_out * self.n_fold).index_put((self.fold_index,), vals)
+        return w.view(self.n_out, self.n_fold) @ consts
+
+    def kept_tensors(self) -> list[KeptTensor]:
+        return [k for k in (self.weight, self.bias, self.gate_weight, self.gate_bias,
+                            self.time_weight) if k is not None]
+
+
+class FusedMLP(CompiledField):
+    """A recognised MLP compiled to the fused program (``sparsekern.ref.mlp_fwd_ref``).
+
+    ``forward_and_divergence`` runs one ``sparsekern::mlp_fwd`` op (forward pass
+    and JVP together; differentiable once). ``forward`` without gradients runs
+    the same op with no tangent; with gradients it runs the per-layer
+    differentiable path (``CoreMatrix.matmul``), so autograd works to any order.
+    """
+
+    tier = "fused"
+
+    def __init__(self, source: nn.Module, chain: Chain, config: SparseConfig) -> None:
+        super().__init__(source, config)
+        self.act = chain.act
+        self.act_id = ACT_IDS[chain.act]
+        self.in_dim = chain.in_dim
+        plan = reduce_chain(chain, config.reduce_neurons)
+        layers = []
+        prev_dead = None
+        dtype = chain.layers[0].weight.value.dtype
+        backend = self.backend
+        for layer, p in zip(chain.layers, plan, strict=True):
+            if config.layout == "auto":
+                core_mask = _state_mask(layer).index_select(0, p["rows"]).index_select(1, p["cols"])
+                layout = choose_layout(core_mask, 2 * config.batch_hint, dtype, backend)
+            elif config.layout == "blocked":
+                raise CompileError("layout='blocked' is not implemented yet")
+            else:
+                layout = config.layout
+            layers.append(FusedLayer(layer, p, prev_dead, layout))
+            prev_dead = p["dead"]
+        self.layers = nn.ModuleList(layers)
+        self.register_buffer("cols0", plan[0]["cols"])
+        self.all_cols0 = plan[0]["cols"].numel() == chain.in_dim
+        self.layouts = [layer.core.code for layer in self.layers]
+        self._params = list(self.parameters())
+
+    # -- the per-call program -------------------------------------------------------
+    def _program(self, t: torch.Tensor | None, like: torch.Tensor) -> list[tuple]:
+        """Per layer (layer, scale over computed rows or None, shift over computed rows)."""
+        out = []
+        consts = None
+        act = ACT_FNS[self.act]
+        for layer in self.layers:
+            scale, shift = layer.affine(t, like)
+            if layer.fold_sel is not None and consts is not None:
+                extra = layer.fold(consts)
+                shift = shift + (extra if scale is None else scale * extra)
+            consts = None if layer.dead is None else act(shift.index_select(0, layer.dead))
+            if not layer.all_rows:
+                shift = shift.index_select(0, layer.rows)
+                scale = None if scale is None else scale.index_select(0, layer.rows)
+            out.append((layer, scale, shift))
+        return out
+
+    def _needs_grad(self, *tensors: torch.Tensor | None) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(t is not None and t.requires_grad for t in tensors) or any(
+            p.requires_grad for p in self._params
+        )
+
+    def _check(self, z: torch.Tensor) -> None:
+        like = self.layers[0].weight.values
+        self.check_input(z, like)
+        if z.dim() != 2 or z.shape[1] != self.in_dim:
+            raise ValueError(f"compiled {type(self.source).__name__} expects z of shape "
+                             f"[B, {self.in_dim}], got {list(z.shape)}")
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, d] -> the first layer's feature-major input rows [n0, B]."""
+        return x.t() if self.all_cols0 else x.t().index_select(0, self.cols0)
+
+    def _run_fused(self, t, z, noise, exact: bool, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        program = self._program(t, z)
+        weights: list[torch.Tensor] = []
+        scales, shifts = [], []
+        empty = z.new_empty(0)
+        for layer, scale, shift in program:
+            weights += layer.core.op_tensors(layer.weight.values)
+            scales.append(empty if scale is None else scale)
+            shifts.append(shift)
+        x0 = self._gather(z)
+        b, n0 = z.shape[0], x0.shape[0]
+        if exact:
+            eye = torch.eye(self.in_dim, dtype=z.dtype, device=z.device)
+            units = eye if self.all_cols0 else eye.index_select(1, self.cols0)
+            tan0 = units[:, :, None].expand(self.in_dim, n0, b)
+            probe = empty
+        elif noise is None:
+            tan0 = z.new_empty(0, n0, b)
+            probe = empty
+        else:
+            tan0 = self._gather(noise)[None]
+            probe = noise.t()[None]
+        f, div, _ = ops.mlp_fwd(x0, tan0, probe, weights, scales, shifts, self.layouts,
+                                self.act_id, exact, save, self.backend)
+        return f.t().contiguous(), div
+
+    def _run_graph(self, t, z) -> torch.Tensor:
+        h = self._gather(z)
+        backend = self.backend
+        act = ACT_FNS[self.act]
+        program = self._program(t, z)
+        for i, (layer, scale, shift) in enumerate(program):
+            m = layer.core.matmul(layer.weight.values, h, backend)
+            a = (m if scale is None else scale[:, None] * m) + shift[:, None]
+            h = act(a) if i + 1 < len(program) else a
+        return h.t()
+
+    # -- the contract -------------------------------------------------------------
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        t, z = self._split_args(args)
+        self._check(z)
+        if self._needs_grad(t, z):
+            return self._run_graph(t, z)
+        return self._run_fused(t, z, None, exact=False, save=False)[0]
+
+    def forward_and_divergence(
+        self, t: torch.Tensor | None, z: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(z)
+        if noise is not None:
+            self.check_input(noise, z, "noise")
+            if noise.shape != z.shape:
+                raise ValueError(f"noise has shape {list(noise.shape)}, expected z's "
+                                 f"{list(z.shape)}")
+        return self._run_fused(t, z, noise, exact=noise is None, save=self._needs_grad(t, z))
+
+    def write_back(self) -> None:
+        for layer in self.layers:
+            for kept in layer.kept_tensors():
+                kept.write_back()
+
+    def summary(self) -> str:
+        lines = [f"FusedMLP ({self.act}, {len(self.layers)} layers, "
+                 f"backend {self.config.backend})",
+                 "| layer | time | layout | shape | core | kept | density | dead folded |",
+                 "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+        for layer in self.layers:
+            core = layer.core
+            dead = 0 if layer.dead is None else layer.dead.numel()
+            lines.append(
+                f"| {layer.name} | {layer.time} | {core.layout} | {layer.n_out}x{layer.n_in} | "
+                f"{core.n_rows}x{core.n_cols} | {core.nnz} | {100 * core.density:.1f}% | {dead} |"
+            )
+        return "\n".join(lines)

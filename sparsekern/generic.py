@@ -1,0 +1,258 @@
+"""The generic tier: any vector field, its linear maps on the state path made sparse.
+
+Capture traces a copy of f with torch.fx. Every node that depends on the state
+z is on the state path. There, each ``nn.Linear`` call and each
+``F.linear(x, <parameter>, ...)`` becomes a ``SparseLinear`` (differentiable to
+any order), so divergences computed with autograd.grad(create_graph=True), as
+FFJORD's ODEfunc does, train through it. Everything else stays the PyTorch code
+it was. An op on the state path that uses a pruned weight in a way the engine
+cannot compile (a pruned Conv2d, a matmul with a masked parameter) is an error
+naming the op and the submodule, or, with ``fallback="eager"``, runs as it was
+with a warning.
+
+If f cannot be traced (Python control flow on tensor values), the copy's
+``nn.Linear`` submodules are replaced in place instead, with a warning: the
+result is the same function, but capture could not check the state path.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from sparsekern.config import SparseConfig
+from sparsekern.cost import choose_layout
+from sparsekern.field import CompiledField
+from sparsekern.linear import SparseLinear
+from sparsekern.masks import CompileError, masked_tensor
+
+
+def _is_pruned(module: nn.Module) -> bool:
+    """A module with a weight the engine would have to make sparse."""
+    if hasattr(module, "weight_mask") or hasattr(module, "weight_orig"):
+        return True
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() >= 2 and bool((w == 0).any())
+
+
+def _owner(root: nn.Module, qualname: str) -> tuple[str, nn.Module, str]:
+    module_name, _, attr = qualname.rpartition(".")
+    return module_name, root.get_submodule(module_name) if module_name else root, attr
+
+
+def _state_path(graph: fx.Graph, state: fx.Node) -> set[fx.Node]:
+    on_path = {state}
+    for node in graph.nodes:  # topological order
+        if any(isinstance(a, fx.Node) and a in on_path for a in node.all_input_nodes):
+            on_path.add(node)
+    return on_path
+
+
+class GenericField(CompiledField):
+    """A vector field compiled by the generic tier (see the module docstring).
+
+    ``forward`` is the traced (or module-swapped) copy of f; ``forward_and_divergence``
+    computes the divergence by autograd through it (exact or Hutchinson).
+    """
+
+    tier = "generic"
+
+    def __init__(self, source: nn.Module, config: SparseConfig) -> None:
+        super().__init__(source, config)
+        self.sparse: dict[str, SparseLinear] = {}
+        self.eager_ops: list[str] = []
+        work = copy.deepcopy(source)
+        try:
+            traced = fx.symbolic_trace(work)
+        except Exception as exc:  # fx raises TraceError, TypeError, ... on dynamic code
+            warnings.warn(
+                f"sparsekern: torch.fx could not trace {type(source).__name__} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "compiling it by replacing its nn.Linear submodules instead",
+                stacklevel=3,
+            )
+            self.module = self._swap_linears(work, source)
+            self.traced = False
+        else:
+            self.module = self._rewrite(traced, source)
+            self.traced = True
+        self._like = next(
+            (p for p in self.parameters()), torch.empty(0)
+        )
+
+    # -- capture -------------------------------------------------------------------
+    def _make_linear(self, source_root: nn.Module, name: str, weight_name: str,
+                     bias_name: str | None) -> SparseLinear:
+        owner_name, owner, attr = _owner(source_root, weight_name)
+        weight = masked_tensor(owner, owner_name, attr.removesuffix("_orig"))
+        bias = None
+        if bias_name is not None:
+            b_owner_name, b_owner, b_attr = _owner(source_root, bias_name)
+            bias = masked_tensor(b_owner, b_owner_name, b_attr.removesuffix("_orig"),
+                                 zeros_are_pruned=False)
+        if weight.value.dim() != 2:
+            raise CompileError(f"{weight.name} is not a matrix (shape {list(weight.value.shape)})")
+        layout = self.config.layout
+        if layout == "auto":
+            core = weight.mask[weight.mask.any(1)][:, weight.mask.any(0)]
+            layout = choose_layout(core, self.config.batch_hint, weight.value.dtype,
+                                   self.backend)
+        elif layout == "blocked":
+            raise CompileError("layout='blocked' is not available on the generic tier yet")
+        lin = SparseLinear(weight, bias, layout, self.backend)
+        self.sparse[name] = lin
+        return lin
+
+    def _unsupported(self, what: str, where: str) -> None:
+        msg = (f"sparsekern cannot compile {what} in submodule '{where}' on the state path: "
+               "it uses a pruned weight outside a linear map")
+        if self.config.fallback == "error":
+            raise CompileError(msg + "; pass SparseConfig(fallback='eager') to run it dense")
+        warnings.warn(msg + "; it runs dense (fallback='eager')", stacklevel=4)
+        self.eager_ops.append(f"{what} ({where})")
+
+    def _rewrite(self, gm: fx.GraphModule, source: nn.Module) -> fx.GraphModule:
+        graph = gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        state = placeholders[self.arity - 1]
+        on_path = _state_path(graph, state)
+        params = dict(gm.named_parameters())
+        count = 0
+        for node in list(graph.nodes):
+            if node not in on_path:
+                continue
+            if node.op == "call_module":
+                mod = gm.get_submodule(node.target)
+                if type(mod) is nn.Linear:
+                    bias = f"{node.target}.bias" if mod.bias is not None else None
+                    lin = self._make_linear(source, node.target, f"{node.target}.weight", bias)
+                    node.target = self._add(gm, lin, count)
+                    count += 1
+                elif _is_pruned(mod):
+                    self._unsupported(type(mod).__name__, node.target)
+            elif node.op == "call_function" and node.target is F.linear:
+                w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+                b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+                if (isinstance(w, fx.Node) and w.op == "get_attr" and w.target in params and
+                        (b is None or (isinstance(b, fx.Node) and b.op == "get_attr"))):
+                    lin = self._make_linear(source, w.target, w.target,
+                                            None if b is None else b.target)
+                    with graph.inserting_after(node):
+                        call = graph.call_module(self._add(gm, lin, count), (node.args[0],))
+                    count += 1
+                    node.replace_all_uses_with(call)
+                    graph.erase_node(node)
+                else:
+                    self._check_param_uses(node, gm, params)
+            elif node.op in ("call_function", "call_method"):
+                self._check_param_uses(node, gm, params)
+        # Drop what the replacements left unread: the dense weights must not stay
+        # parameters of the compiled module (the optimiser sees kept values only).
+        for node in list(graph.nodes):
+            if node.op == "get_attr" and not node.users:
+                graph.erase_node(node)
+        graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+        for name in [n for n, _ in gm.named_parameters() if n in params]:
+            owner_name, owner, attr = _owner(gm, name)
+            if not any(n.op == "get_attr" and n.target == name for n in graph.nodes) and not any(
+                n.op == "call_module" and (n.target == owner_name or
+                                           n.target.startswith(owner_name + "."))
+                for n in graph.nodes
+            ):
+                delattr(owner, attr)
+        return gm
+
+    @staticmethod
+    def _add(gm: fx.GraphModule, lin: SparseLinear, index: int) -> str:
+        name = f"sparse_{index}"
+        gm.add_submodule(name, lin)
+        return name
+
+    def _check_param_uses(self, node: fx.Node, work: nn.Module, params: dict) -> None:
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and arg.target in params:
+                owner_name, owner, _ = _owner(work, arg.target)
+                if _is_pruned(owner):
+                    what = getattr(node.target, "__name__", str(node.target))
+                    self._unsupported(what, owner_name or type(work).__name__)
+
+    def _swap_linears(self, work: nn.Module, source: nn.Module) -> nn.Module:
+        for name, mod in list(work.named_modules()):
+            if not name:
+                continue
+            if type(mod) is nn.Linear:
+                lin = self._make_linear(source, name, f"{name}.weight",
+                                        f"{name}.bias" if mod.bias is not None else None)
+                parent_name, _, child = name.rpartition(".")
+                parent = work.get_submodule(parent_name) if parent_name else work
+                setattr(parent, child, lin)
+            elif _is_pruned(mod):
+                self._unsupported(type(mod).__name__, name)
+        if type(work) is nn.Linear:
+            raise CompileError("a bare nn.Linear is not a vector field of the generic tier")
+        return work
+
+    # -- the contract --------------------------------------------------------------
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        _, z = self._split_args(args)
+        if self._like.numel():
+            self.check_input(z, self._like)
+        return self.module(*args)
+
+    def forward_and_divergence(
+        self, t: torch.Tensor | None, z: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from flows.divergence import divergence_exact, divergence_hutchinson
+
+        create_graph = torch.is_grad_enabled()
+        args = (z,) if self.arity == 1 else (t, z)
+        with torch.enable_grad():
+            zz = z if z.requires_grad else z.detach().requires_grad_(True)
+            args = (zz,) if self.arity == 1 else (t, zz)
+            dz = self(*args)
+            if noise is None:
+                div = divergence_exact(dz, zz, create_graph=create_graph)
+            else:
+                div = divergence_hutchinson(dz, zz, noise, create_graph=create_graph)
+        if not create_graph:
+            dz, div = dz.detach(), div.detach()
+        return dz, div
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        for lin in self.sparse.values():
+            lin.write_back()
+        # Parameters and buffers the engine did not replace (hypernetworks, norms)
+        # trained in the copy; copy them back by name.
+        src_params = dict(self.source.named_parameters())
+        src_buffers = dict(self.source.named_buffers())
+        replaced = {f"{n}." for n in self.sparse}
+        for name, p in self.module.named_parameters():
+            if name.startswith("sparse_") or any(name.startswith(r) for r in replaced):
+                continue
+            if name in src_params:
+                src_params[name].copy_(p)
+        for name, b in self.module.named_buffers():
+            if name in src_buffers and not name.startswith("sparse_") and not name.endswith(
+                ("_mask",)
+            ):
+                src_buffers[name].copy_(b)
+
+    def summary(self) -> str:
+        lines = [f"GenericField ({'fx-traced' if self.traced else 'module-swapped'}, "
+                 f"{len(self.sparse)} sparse linear maps)",
+                 "| linear | layout | shape | core | kept | density |",
+                 "| --- | --- | --- | --- | ---: | ---: |"]
+        for name, lin in self.sparse.items():
+            c = lin.core
+            lines.append(f"| {name} | {c.layout} | {lin.out_features}x{lin.in_features} | "
+                         f"{c.n_rows}x{c.n_cols} | {c.nnz} | {100 * c.density:.1f}% |")
+        if self.eager_ops:
+            lines.append("Run dense (fallback='eager'): " + ", ".join(self.eager_ops))
+        return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""Compiled linear maps: kept values as parameters, and the layouts that multiply with them.
+
+- ``KeptTensor``: the kept entries of one pruned tensor as a Parameter (the
+  only thing an optimiser sees) plus where they go in the dense tensor.
+- ``CoreMatrix``: the part of a weight that multiplies live inputs into live
+  outputs, in a layout: "dense" (a neuron-reduced dense matrix) or "csr"
+  (``formats.CSRPattern``, transpose stored).
+- ``SparseLinear``: the generic tier's drop-in for ``nn.Linear`` (any batch
+  shape, autograd to any order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparsekern import ops
+from sparsekern.formats import LAYOUT_CSR, LAYOUT_DENSE, CSRPattern
+from sparsekern.masks import CompileError, MaskedTensor
+
+
+class KeptTensor(nn.Module):
+    """The kept entries of a masked tensor, trainable, and the way back to it.
+
+    ``values`` [nnz] holds the kept entries in row-major order; ``dense()``
+    rebuilds the full tensor (differentiable, zeros at pruned places) and
+    ``write_back()`` copies the values into the source module.
+    """
+
+    def __init__(self, source: MaskedTensor) -> None:
+        super().__init__()
+        self.name = source.name
+        self.shape = tuple(source.mask.shape)
+        self.values = nn.Parameter(source.kept_values.clone())
+        self.full = bool(source.mask.all())
+        self.register_buffer("flat_index", source.mask.flatten().nonzero().squeeze(1))
+        self._source = [source]  # a list: not a submodule, not in state_dict
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def dense(self) -> torch.Tensor:
+        """The full tensor, differentiable w.r.t. ``values``."""
+        if self.full:
+            return self.values.view(self.shape)
+        flat = self.values.new_zeros(math.prod(self.shape))
+        return flat.index_put((self.flat_index,), self.values).view(self.shape)
+
+    def write_back(self) -> None:
+        self._source[0].write(self.values.detach())
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.nnz} kept of shape {list(self.shape)}"
+
+
+class CoreMatrix(nn.Module):
+    """W[rows][:, cols] of a kept tensor, in a layout, multiplying feature-major inputs.
+
+    Args:
+        weight: the layer's kept values (a [n_out, n_in] tensor).
+        rows, cols: int64 indices of the output rows computed and the input
+            columns read (neuron reduction); entries outside them are not in
+            the core.
+        layout: "dense" or "csr".
+    """
+
+    def __init__(self, weight: KeptTensor, rows: torch.Tensor, cols: torch.Tensor,
+                 layout: str) -> None:
+        super().__init__()
+        if layout not in ("dense", "csr"):
+            raise CompileError(f"{weight.name}: unknown layout {layout!r}")
+        n_out, n_in = weight.shape
+        self.layout = layout
+        self.n_rows, self.n_cols = rows.numel(), cols.numel()
+        row_pos = torch.full((n_out,), -1, dtype=torch.long, device=rows.device)
+        row_pos[rows] = torch.arange(rows.numel(), device=rows.device)
+        col_pos = torch.full((n_in,), -1, dtype=torch.long, device=cols.device)
+        col_pos[cols] = torch.arange(cols.numel(), device=cols.device)
+        r = weight.flat_index // n_in
+        c = weight.flat_index % n_in
+        rr, cc = row_pos[r], col_pos[c]
+        in_core = (rr >= 0) & (cc >= 0)
+        sel = in_core.nonzero().squeeze(1)
+        # Row-major order of the reduced coordinates equals the original order
+        # (the index maps are increasing), so the CSR order is ``sel``'s order.
+        identity = sel.numel() == weight.nnz
+        self.register_buffer("sel", None if identity else sel)
+        self.nnz = sel.numel()
+        self.density = self.nnz / (self.n_rows * self.n_cols) if self.n_rows * self.n_cols else 0.0
+        self.name = weight.name
+        self.dense_view = identity and self.nnz == self.n_rows * self.n_cols
+        if layout == "dense":
+            self.register_buffer("reduced_index", rr[in_core] * self.n_cols + cc[in_core])
+            self.pattern = None
+        else:
+            core_mask = torch.zeros(self.n_rows, self.n_cols, dtype=torch.bool,
+                                    device=rows.device)
+            core_mask[rr[in_core], cc[in_core]] = True
+            p = CSRPattern.from_mask(core_mask)
+            for name, t in zip(("rowptr", "col", "rowptr_t", "col_t", "perm"), p.tensors(),
+                               strict=True):
+                self.register_buffer(name, t)
+
+    @property
+    def code(self) -> int:
+        return LAYOUT_DENSE if self.layout == "dense" else LAYOUT_CSR
+
+    def pattern_tensors(self) -> list[torch.Tensor]:
+        return [self.rowptr, self.col, self.rowptr_t, self.col_t, self.perm]
+
+    def core_values(self, values: torch.Tensor) -> torch.Tensor:
+        """The core's entries [nnz_core] of a kept-values vector (differentiable)."""
+        return values if self.sel is None else values.index_select(0, self.sel)
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """The dense [n_rows, n_cols] core (dense layout)."""
+        v = self.core_values(values)
+        if self.dense_view:
+            return v.view(self.n_rows, self.n_cols)
+        flat = v.new_zeros(self.n_rows * self.n_cols)
+        return flat.index_put((self.reduced_index,), v).view(self.n_rows, self.n_cols)
+
+    def op_tensors(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """This layer's entries in the fused op's flat ``weights`` list."""
+        if self.layout == "dense":
+            return [self.matrix(values)]
+        return [*self.pattern_tensors(), self.core_values(values)]
+
+    def matmul(self, values: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
+        """W_core x for feature-major x [n_cols, N] -> [n_rows, N], differentiable to any order."""
+        if self.layout == "dense":
+            return self.matrix(values) @ x
+        return ops.spmm(*self.pattern_tensors(), self.core_values(values), x, False, backend)
+
+    def extra_repr(self) -> str:
+        return (f"{self.name}: {self.layout} [{self.n_rows}, {self.n_cols}], nnz={self.nnz} "
+                f"({100 * self.density:.1f}%)")
+
+
+class SparseLinear(nn.Module):
+    """Drop-in for a pruned ``nn.Linear``: x [*, n_in] -> [*, n_out].
+
+    Rows with no kept weight output their bias, columns with no kept weight are
+    not read; the rest is a ``CoreMatrix``. Differentiable to any order (w.r.t.
+    the input and the kept values), so autograd-based divergences train through it.
+    """
+
+    def __init__(self, weight: MaskedTensor, bias: MaskedTensor | None, layout: str,
+                 backend: str) -> None:
+        super().__init__()
+        self.weight = KeptTensor(weight)
+        self.bias = None if bias is None else KeptTensor(bias)
+        self.out_features, self.in_features = self.weight.shape
+        mask = weight.mask
+        rows = mask.any(1).nonzero().squeeze(1)
+        cols = mask.any(0).nonzero().squeeze(1)
+        self.all_rows = rows.numel() == self.out_features
+        self.all_cols = cols.numel() == self.in_features
+        self.register_buffer("rows", rows)
+        self.register_buffer("cols", cols)
+        self.core = CoreMatrix(self.weight, rows, cols, layout)
+        self.backend = backend  # kept in step with the device by CompiledField._apply
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.weight.name}: input has {x.shape[-1]} features, expected "
+                             f"{self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        bias = None if self.bias is None else self.bias.dense()
+        values = self.weight.values
+        if self.core.layout == "dense" and self.all_rows and self.all_cols:
+            return F.linear(x2, self.core.matrix(values), bias).reshape(*lead, self.out_features)
+        xs = x2 if self.all_cols else x2.index_select(1, self.cols)
+        if self.core.layout == "dense":
+            y = F.linear(xs, self.core.matrix(values))
+        else:
+            y = self.core.matmul(values, xs.t(), self.backend).t()
+        if not self.all_rows:
+            y = y.new_zeros(y.shape[0], self.out_features).index_copy(1, self.rows, y)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, self.out_features)
+
+    def write_back(self) -> None:
+        self.weight.write_back()
+        if self.bias is not None:
+            self.bias.write_back()

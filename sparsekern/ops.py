@@ -1,0 +1,303 @@
+"""The op registry: every engine kernel as a ``torch.library`` custom op.
+
+One op per computation, whatever runs it: the ``backend`` argument picks the
+implementation ("ref" plain PyTorch, "cpu" the C++ extension, "triton",
+"cuda"). Each op has a fake (meta) implementation, so compiled modules trace
+under ``torch.compile`` without graph breaks, and an autograd formula:
+
+- ``spmm`` (W x or W^T x) and ``sddmm`` (a b^T at the kept places) have
+  formulas made of each other, so they are differentiable to any order: the
+  generic tier's sparse linear layers support autograd.grad(create_graph=True).
+- ``mlp_fwd`` (the fused forward + JVP program, ``sparsekern.ref``) is
+  differentiable once, through the hand-written ``mlp_bwd``.
+
+Tensors are feature-major (see ``sparsekern.ref``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparsekern import ref
+from sparsekern.formats import LAYOUT_CSR, LAYOUT_DENSE, split_weights
+
+BACKENDS = ("ref", "cpu", "triton", "cuda")
+
+
+def _cpu() -> Any:
+    from sparsekern.backends import cpu
+
+    return cpu.extension()
+
+
+def _triton() -> Any:
+    from sparsekern import triton as triton_backend
+
+    return triton_backend
+
+
+def _cuda() -> Any:
+    from sparsekern.backends import cuda
+
+    return cuda.extension()
+
+
+_LOADERS: dict[str, Callable[[], Any]] = {
+    "ref": lambda: ref,
+    "cpu": _cpu,
+    "triton": _triton,
+    "cuda": _cuda,
+}
+_REF_NAMES = {"spmm": "spmm_ref", "sddmm": "sddmm_ref", "mlp_fwd": "mlp_fwd_ref",
+              "mlp_bwd": "mlp_bwd_ref"}
+
+
+def _kernel(name: str, backend: str, device: torch.device) -> Callable[..., Any]:
+    if backend not in _LOADERS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
+    if backend in ("triton", "cuda") and device.type != "cuda":
+        raise ValueError(f"backend {backend!r} runs on CUDA tensors, got tensors on {device}")
+    module = _LOADERS[backend]()
+    return getattr(module, _REF_NAMES[name] if backend == "ref" else name)
+
+
+# --------------------------------------------------------------------------- spmm
+
+
+@torch.library.custom_op("sparsekern::spmm", mutates_args=())
+def spmm(
+    rowptr: Tensor,
+    col: Tensor,
+    rowptr_t: Tensor,
+    col_t: Tensor,
+    perm: Tensor,
+    vals: Tensor,
+    x: Tensor,
+    transpose: bool,
+    backend: str,
+) -> Tensor:
+    """W x, or W^T x with ``transpose``, for W [R, C] in CSR (``formats.CSRPattern``).
+
+    Args:
+        rowptr, col, rowptr_t, col_t, perm: the pattern's index tensors.
+        vals: [nnz] kept values. x: [C, N] ([R, N] if transpose), feature-major.
+        backend: implementation (``BACKENDS``).
+
+    Returns:
+        [R, N] ([C, N] if transpose), contiguous.
+    """
+    fn = _kernel("spmm", backend, x.device)
+    return fn(rowptr, col, rowptr_t, col_t, perm, vals, x.contiguous(), transpose)
+
+
+@spmm.register_fake
+def _spmm_fake(rowptr, col, rowptr_t, col_t, perm, vals, x, transpose, backend):
+    n_out = (rowptr_t if transpose else rowptr).shape[0] - 1
+    return x.new_empty((n_out, x.shape[1]))
+
+
+def _spmm_setup(ctx, inputs, output):
+    *pattern, vals, x, transpose, backend = inputs
+    ctx.save_for_backward(*pattern, vals, x)
+    ctx.transpose, ctx.backend = transpose, backend
+
+
+def _spmm_backward(ctx, gy):
+    *pattern, vals, x = ctx.saved_tensors
+    gy = gy.contiguous()
+    g_vals = g_x = None
+    if ctx.needs_input_grad[5]:
+        a, b = (x, gy) if ctx.transpose else (gy, x)
+        g_vals = sddmm(*pattern, a, b, ctx.backend)
+    if ctx.needs_input_grad[6]:
+        g_x = spmm(*pattern, vals, gy, not ctx.transpose, ctx.backend)
+    return None, None, None, None, None, g_vals, g_x, None, None
+
+
+torch.library.register_autograd("sparsekern::spmm", _spmm_backward, setup_context=_spmm_setup)
+
+
+# -------------------------------------------------------------------------- sddmm
+
+
+@torch.library.custom_op("sparsekern::sddmm", mutates_args=())
+def sddmm(
+    rowptr: Tensor,
+    col: Tensor,
+    rowptr_t: Tensor,
+    col_t: Tensor,
+    perm: Tensor,
+    a: Tensor,
+    b: Tensor,
+    backend: str,
+) -> Tensor:
+    """out[k] = <a[row_k], b[col_k]>: the product a b^T read at the kept places.
+
+    Args:
+        rowptr, col, rowptr_t, col_t, perm: the pattern of W [R, C] (the
+            transpose is needed by the op's own backward).
+        a: [R, N], b: [C, N], feature-major.
+
+    Returns:
+        [nnz], in the order of ``col``.
+    """
+    fn = _kernel("sddmm", backend, a.device)
+    return fn(rowptr, col, a.contiguous(), b.contiguous())
+
+
+@sddmm.register_fake
+def _sddmm_fake(rowptr, col, rowptr_t, col_t, perm, a, b, backend):
+    return a.new_empty(col.shape)
+
+
+def _sddmm_setup(ctx, inputs, output):
+    *pattern, a, b, backend = inputs
+    ctx.save_for_backward(*pattern, a, b)
+    ctx.backend = backend
+
+
+def _sddmm_backward(ctx, go):
+    *pattern, a, b = ctx.saved_tensors
+    go = go.contiguous()
+    g_a = spmm(*pattern, go, b, False, ctx.backend) if ctx.needs_input_grad[5] else None
+    g_b = spmm(*pattern, go, a, True, ctx.backend) if ctx.needs_input_grad[6] else None
+    return None, None, None, None, None, g_a, g_b, None
+
+
+torch.library.register_autograd("sparsekern::sddmm", _sddmm_backward, setup_context=_sddmm_setup)
+
+
+# ------------------------------------------------------------------ fused MLP
+
+
+@torch.library.custom_op("sparsekern::mlp_fwd", mutates_args=())
+def mlp_fwd(
+    x0: Tensor,
+    tan0: Tensor,
+    probe: Tensor,
+    weights: list[Tensor],
+    scales: list[Tensor],
+    shifts: list[Tensor],
+    layouts: list[int],
+    act: int,
+    exact: bool,
+    save: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The fused forward + JVP program of an MLP (``sparsekern.ref.mlp_fwd_ref``).
+
+    Returns f [d, B], div [B] and, with ``save``, the activations the backward
+    needs. Differentiable once (w.r.t. x0, the weights, scales and shifts).
+    """
+    fn = _kernel("mlp_fwd", backend, x0.device)
+    return fn(x0.contiguous(), tan0.contiguous(), probe.contiguous(), weights, scales, shifts,
+              layouts, act, exact, save)
+
+
+def _mlp_widths(x0: Tensor, weights: list[Tensor], layouts: list[int]) -> list[int]:
+    widths = []
+    for layer in split_weights(weights, layouts):
+        if isinstance(layer, Tensor):
+            widths.append(layer.shape[0])
+        else:
+            widths.append(layer[0].rowptr.shape[0] - 1)
+    return widths
+
+
+@mlp_fwd.register_fake
+def _mlp_fwd_fake(x0, tan0, probe, weights, scales, shifts, layouts, act, exact, save, backend):
+    widths = _mlp_widths(x0, weights, layouts)
+    b = x0.shape[1]
+    cols = (1 + tan0.shape[0]) * b
+    f = x0.new_empty((widths[-1], b))
+    div = x0.new_empty((b,))
+    saved: list[Tensor] = []
+    if save:
+        saved = [x0.new_empty((w, cols)) for w in widths]
+        saved += [x0.new_empty((w, cols)) for w in widths[:-1]]
+    return f, div, saved
+
+
+def _mlp_setup(ctx, inputs, output):
+    x0, tan0, probe, weights, scales, shifts, layouts, act, exact, save, backend = inputs
+    _, _, saved = output
+    ctx.counts = (len(weights), len(scales), len(shifts), len(saved))
+    ctx.save_for_backward(x0, tan0, probe, *weights, *scales, *shifts, *saved)
+    ctx.layouts, ctx.act, ctx.exact, ctx.save, ctx.backend = layouts, act, exact, save, backend
+
+
+def _mlp_backward(ctx, grad_f, grad_div, grad_saved):
+    if not ctx.save:
+        raise RuntimeError(
+            "sparsekern::mlp_fwd ran with save=False, so it kept nothing for backward; "
+            "call it with save=True when gradients are needed"
+        )
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the fused tier (forward_and_divergence of a compiled MLP) is differentiable once; "
+            "for higher derivatives (create_graph=True through the divergence) compile with "
+            "SparseConfig(tier='generic')"
+        )
+    x0, tan0, probe, *rest = ctx.saved_tensors
+    n_w, n_s, n_h, _ = ctx.counts
+    weights, rest = rest[:n_w], rest[n_w:]
+    scales, rest = rest[:n_s], rest[n_s:]
+    shifts, saved = rest[:n_h], rest[n_h:]
+    b = x0.shape[1]
+    d = _mlp_widths(x0, weights, ctx.layouts)[-1]
+    grad_f = x0.new_zeros((d, b)) if grad_f is None else grad_f
+    grad_div = x0.new_zeros((b,)) if grad_div is None else grad_div
+    g_x, g_w, g_s, g_h = mlp_bwd(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts,
+                                 ctx.layouts, ctx.act, ctx.exact, saved, ctx.backend)
+    grad_weights: list[Tensor | None] = []
+    for code, g in zip(ctx.layouts, g_w, strict=True):
+        grad_weights += [g] if code == LAYOUT_DENSE else [None] * 5 + [g]
+    grad_scales = [g if s.numel() else None for g, s in zip(g_s, scales, strict=True)]
+    return (g_x, None, None, grad_weights, grad_scales, list(g_h), None, None, None, None, None)
+
+
+torch.library.register_autograd("sparsekern::mlp_fwd", _mlp_backward, setup_context=_mlp_setup)
+
+
+@torch.library.custom_op("sparsekern::mlp_bwd", mutates_args=())
+def mlp_bwd(
+    grad_f: Tensor,
+    grad_div: Tensor,
+    x0: Tensor,
+    tan0: Tensor,
+    probe: Tensor,
+    weights: list[Tensor],
+    scales: list[Tensor],
+    shifts: list[Tensor],
+    layouts: list[int],
+    act: int,
+    exact: bool,
+    saved: list[Tensor],
+    backend: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """Reverse mode of ``mlp_fwd`` (``sparsekern.ref.mlp_bwd_ref``)."""
+    fn = _kernel("mlp_bwd", backend, x0.device)
+    return fn(grad_f.contiguous(), grad_div.contiguous(), x0.contiguous(), tan0.contiguous(),
+              probe.contiguous(), weights, scales, shifts, layouts, act, exact, saved)
+
+
+@mlp_bwd.register_fake
+def _mlp_bwd_fake(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts, layouts, act,
+                  exact, saved, backend):
+    # The kernels return fresh contiguous tensors, whatever the inputs' strides.
+    g_w = []
+    for layer in split_weights(weights, layouts):
+        like = layer if isinstance(layer, Tensor) else layer[1]
+        g_w.append(like.new_empty(like.shape))
+    g_s = [s.new_empty(s.shape) for s in scales]
+    g_h = [h.new_empty(h.shape) for h in shifts]
+    return x0.new_empty(x0.shape), g_w, g_s, g_h
+
+
+__all__ = ["BACKENDS", "LAYOUT_CSR", "LAYOUT_DENSE", "mlp_bwd", "mlp_fwd", "sddmm", "spmm"]
