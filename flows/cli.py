@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from flows.pipeline import RUN_DEFAULTS
 from flows.presets import PRESETS, load_config_file, parse_assignment
 from flows.prune import PRUNE_METHODS
 
@@ -27,27 +28,38 @@ def _add_run_arguments(p: argparse.ArgumentParser, pruning: bool) -> None:
     )
     p.add_argument("--out", required=True, help="run directory")
     if pruning:
-        p.add_argument("--method", choices=PRUNE_METHODS, default="unstructured")
+        # Defaults are None so that a --config file's run settings stand unless a
+        # flag is given; the documented defaults come from RUN_DEFAULTS.
+        p.add_argument(
+            "--method",
+            choices=PRUNE_METHODS,
+            default=None,
+            help=f"pruning method (default: {RUN_DEFAULTS['method']})",
+        )
         p.add_argument(
             "--prune-ratio",
             type=float,
             default=None,
-            help="fraction of the remaining weights pruned per cycle (preset: Table S1-S3)",
+            help="per cycle: fraction of the remaining weights (unstructured) or of the live "
+            "neurons of each hidden layer (structured); preset: Table S1-S3",
         )
         p.add_argument(
-            "--cycles", type=int, default=8, help="prune cycles after the dense warm start"
+            "--cycles",
+            type=int,
+            default=None,
+            help=f"prune cycles after the dense warm start (default: {RUN_DEFAULTS['cycles']})",
         )
         p.add_argument(
             "--target-ratio",
             type=float,
             default=None,
-            help="stop once this overall prune ratio is reached",
+            help="stop once this overall prune ratio (of weights) is reached (default: none)",
         )
         p.add_argument(
             "--patience",
             type=int,
             default=None,
-            help="stop after this many cycles without a better validation loss",
+            help="stop after this many cycles without a better validation loss (default: none)",
         )
     p.add_argument(
         "--iters",
@@ -91,12 +103,9 @@ def config_from_args(args: argparse.Namespace, pruning: bool) -> dict[str, Any]:
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
     if pruning:
-        run.update(
-            method=args.method,
-            cycles=args.cycles,
-            target_ratio=args.target_ratio,
-            patience=args.patience,
-        )
+        for key in ("method", "cycles", "target_ratio", "patience"):
+            if getattr(args, key) is not None:
+                run[key] = getattr(args, key)
         if args.prune_ratio is not None:
             overrides = merge_free(overrides, {"prune": {"prune_ratio": args.prune_ratio}})
     else:
@@ -180,7 +189,13 @@ def cmd_report(args: argparse.Namespace) -> Path:
 
 
 def cmd_demo(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
-    """Gaussians, unstructured then structured, sharing one dense warm start."""
+    """Gaussians, unstructured then structured, sharing one dense warm start.
+
+    Run again on the same ``--out`` with the same settings, the demo resumes:
+    a finished demo only re-prints its tables and re-renders the report, an
+    interrupted one continues where it stopped. A directory holding a demo
+    with other settings is an error (nothing is overwritten).
+    """
     from flows.pipeline import build_config, run_pipeline
     from flows.report import render_report, results_table
 
@@ -188,10 +203,8 @@ def cmd_demo(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     t0 = time.perf_counter()
-    all_rows = []
-    warm = None
-    for method in PRUNE_METHODS:
-        config = build_config(
+    configs = {
+        method: build_config(
             "gaussians",
             {
                 "run": {
@@ -203,9 +216,26 @@ def cmd_demo(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
                 "prune": {"prune_ratio": args.prune_ratio},
             },
         )
+        for method in PRUNE_METHODS
+    }
+    # Check every half before running anything, so a mismatch leaves all as it was.
+    earlier = {}
+    for method, config in configs.items():
+        earlier[method] = _demo_state(out / method, config)
+    if all(state == "finished" for state in earlier.values()):
+        print(f"{out} holds a finished demo run with these settings; showing its results")
+    elif any(state is not None for state in earlier.values()):
+        print(f"{out} holds an unfinished demo run with these settings; resuming it")
+    all_rows = []
+    warm = None
+    for method, config in configs.items():
         run_dir = out / method
         rows = run_pipeline(
-            config, run_dir, resume=args.resume, warm_start=warm, progress=not args.no_progress
+            config,
+            run_dir,
+            resume=earlier[method] is not None,
+            warm_start=warm,
+            progress=not args.no_progress,
         )
         warm = out / "unstructured" / "checkpoints" / "cycle_000.pt"
         print(f"\n## gaussians, {method} pruning\n")
@@ -217,6 +247,27 @@ def cmd_demo(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
         f"{time.perf_counter() - t0:.0f} s in all"
     )
     return all_rows
+
+
+def _demo_state(run_dir: Path, config: dict[str, Any]) -> str | None:
+    """None (no run in run_dir), "finished" or "unfinished" for a run with ``config``.
+
+    Raises ValueError if run_dir holds a run with another configuration.
+    """
+    from flows.pipeline import read_results
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return None
+    if json.loads(path.read_text()) != json.loads(json.dumps(config)):
+        raise ValueError(
+            f"{run_dir} holds a demo run with other settings (--cycles, --iters, "
+            f"--prune-ratio or --seed differ); rerun with its settings, use another --out, "
+            f"or remove {run_dir.parent}"
+        )
+    rows = read_results(run_dir)
+    done = rows and (rows[-1]["cycle"] >= config["run"]["cycles"])
+    return "finished" if done else "unfinished"
 
 
 def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
@@ -306,7 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=DEMO_SETTINGS["iters"], help="iterations per cycle")
     p.add_argument("--prune-ratio", type=float, default=DEMO_SETTINGS["prune_ratio"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="accepted for compatibility: the demo always resumes a run with the same "
+        "settings in --out (a finished one is only shown again)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     return parser

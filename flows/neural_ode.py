@@ -92,20 +92,24 @@ class ODEClassifier(nn.Module):
     Args:
         in_dim: input dimension d.
         n_classes: number of classes.
-        hidden: hidden widths of the vector field (Table S1: two layers of 128).
+        hidden: hidden widths of the vector field. Default (128,): Table S1's
+            MOON column reads "Layers 2, Hidden Size 128", and "Layers" counts
+            linear layers (as for gaussians), so the field is 2-128-2, as in the
+            moons preset.
         activation: its nonlinearity (tanh in the paper).
         time: time mode of the vector field (see ``flows.ODEnet``).
         **block_kwargs: solver settings for ``ODEBlock`` (default dopri5,
             atol = rtol = 1e-4, adjoint, as in Table S1).
 
-    ``forward(x)``: [B, d] -> logits [B, n_classes].
+    ``forward(x)``: [B, d] -> logits [B, n_classes]. ``nfe_forward`` and
+    ``nfe_backward`` are the ODE block's counters (see ``ODEBlock``).
     """
 
     def __init__(
         self,
         in_dim: int = 2,
         n_classes: int = 2,
-        hidden: Sequence[int] = (128, 128),
+        hidden: Sequence[int] = (128,),
         activation: str = "tanh",
         time: str = "none",
         **block_kwargs: Any,
@@ -117,6 +121,16 @@ class ODEClassifier(nn.Module):
             ODEnet(in_dim, hidden, time=time, activation=activation), **block_kwargs
         )
         self.readout = nn.Identity() if n_classes == in_dim else nn.Linear(in_dim, n_classes)
+
+    @property
+    def nfe_forward(self) -> int:
+        """f evaluations of the last forward solve (the block's counter)."""
+        return self.block.nfe_forward
+
+    @property
+    def nfe_backward(self) -> int:
+        """f evaluations since the last forward solve: the adjoint backward pass."""
+        return self.block.nfe_backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.readout(self.block(x))

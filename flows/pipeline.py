@@ -11,6 +11,21 @@ A run lives in one directory::
 
 Each cycle seeds its own randomness from (seed, cycle), so a run resumed after
 a kill gives the same results.json as an uninterrupted one.
+
+Two prune ratios appear, and they differ for structured pruning:
+
+- ``prune.prune_ratio`` (PR, the ``--prune-ratio`` flag) is what each cycle
+  removes. Unstructured: PR of the remaining prunable weights, globally, so
+  after n cycles (1 - PR)^n of the weights remain. Structured: PR of the live
+  neurons of every hidden layer of each vector field (never a field's outputs
+  or a classifier's read-out), so each hidden layer keeps (1 - PR)^n of its
+  neurons but the weights do not follow (1 - PR)^n: a weight between two
+  hidden layers goes with either neuron (about (1 - PR)^(2n) kept), while the
+  input layer's columns and the output layer's rows stay.
+- ``prune_ratio`` in results.json (and ``run.target_ratio``) is the honest
+  weight ratio, 1 - kept / prunable weights, counted from the masks
+  (``flows.prune.sparsity``), for either method; ``kept_fraction`` is
+  1 - prune_ratio and ``nonzero_params`` counts every nonzero parameter.
 """
 
 from __future__ import annotations
@@ -344,6 +359,12 @@ def run_pipeline(
         warm_start: a cycle-0 checkpoint of a run with the same data and model
             settings; its dense model is used instead of training one (the demo
             shares one warm start between unstructured and structured runs).
+
+    Each cycle prunes ``config["prune"]["prune_ratio"]`` of the remaining
+    weights (unstructured) or of each hidden layer's live neurons (structured);
+    a row's ``prune_ratio`` is the overall fraction of prunable weights removed
+    so far, counted from the masks, whichever the method (see the module
+    docstring).
 
     Each row has ``RESULT_FIELDS`` (plus train_accuracy, val_accuracy,
     test_accuracy for classification, nfe per training batch, seconds split into

@@ -10,6 +10,13 @@ after backward and ``apply_masks_`` after each optimiser step.
 Prunable weights are the main linear and convolution weights. The small
 time-conditioning layers of concatsquash (``hyper_gate``, ``hyper_bias``) are
 not pruned, as in the original code.
+
+Unstructured pruning removes a fraction of the remaining weights (globally), so
+after n cycles (1 - PR)^n of the prunable weights remain. Structured pruning
+removes a fraction of the live neurons of every hidden layer of each vector
+field (never a field's outputs, never a classifier's read-out), so neurons
+follow (1 - PR)^n per hidden layer but weights do not; ``sparsity`` reports the
+weights actually kept.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import itertools
 
 import torch
 from torch import nn
+
+from flows.odenet import ConvODEnet, ODEnet
 
 PRUNE_METHODS = ("unstructured", "structured")
 
@@ -123,38 +132,70 @@ def alive_neurons(layer: nn.Module) -> torch.Tensor:
     return mask.flatten(1).any(1)
 
 
+def vector_field_chains(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each vector-field chain that structured pruning works on.
+
+    Every ``ODEnet`` / ``ConvODEnet`` inside ``model`` (each block of a
+    ``SequentialFlow``, the vector field of an ``ODEClassifier``) is one chain;
+    layers outside them (a classifier's read-out) belong to none. A model with
+    no such net is taken as one plain chain itself (e.g. an ``nn.Sequential``
+    MLP), with its prunable layers in registration order.
+    """
+    chains = [(n, m) for n, m in model.named_modules() if isinstance(m, ODEnet | ConvODEnet)]
+    return chains or [("", model)]
+
+
 @torch.no_grad()
 def prune_structured_(model: nn.Module, fraction: float) -> int:
-    """Neuron pruning: in every layer but the last, remove ``fraction`` of the live neurons.
+    """Neuron pruning: in every hidden layer, remove ``fraction`` of the live neurons.
 
-    A neuron's score is the L1 norm of its (kept) incoming weights; the lowest
-    go. A removed neuron loses its row of weights, its bias and its column in
-    the next layer's input, so it no longer affects the output. The output
-    layer's outputs are never pruned. Returns the number of neurons pruned.
+    Works per vector-field chain (``vector_field_chains``): each ODEnet /
+    ConvODEnet of a stacked flow or classifier is pruned on its own, so a
+    block's output layer never pairs with the next block's input layer. Within
+    a chain, every layer but the last loses ``fraction`` of its live neurons
+    (output channels for convolutions). A neuron's score is the L1 norm of its
+    (kept) incoming weights; the lowest go. A removed neuron loses its row of
+    weights, its bias and its column in the next layer's input, so it no longer
+    affects the output. A chain's last layer keeps all its outputs (they are
+    the state dz/dt), and layers outside the chains (a classifier's read-out)
+    are never pruned.
+
+    ``fraction`` is a fraction of neurons per hidden layer, not of weights:
+    after n calls each hidden layer keeps about (1 - fraction)^n of its
+    neurons, but a weight between two hidden layers survives only if both its
+    neurons do, while the input layer's columns and the output layer's rows
+    always stay, so the kept fraction of weights does not follow
+    (1 - fraction)^n (it is roughly (1 - fraction)^(2n) between hidden layers
+    and (1 - fraction)^n at the ends). ``sparsity(model)["prune_ratio"]``
+    counts the weights actually removed. Returns the number of neurons pruned.
     """
     _check_fraction(fraction)
-    layers = ensure_masks(model)
+    ensure_masks(model)
     apply_masks_(model)
     total = 0
-    for (name, m), (next_name, nxt) in itertools.pairwise(layers):
-        alive = alive_neurons(m)
-        if nxt.weight.shape[1] < m.weight.shape[0]:
-            raise ValueError(
-                f"structured pruning needs a chain of layers: {next_name} reads "
-                f"{nxt.weight.shape[1]} inputs but {name} has {m.weight.shape[0]} outputs"
-            )
-        k = round(fraction * int(alive.sum()))
-        if k == 0:
-            continue
-        score = (m.weight * m.weight_mask).abs().flatten(1).sum(1).double()
-        score[~alive] = float("inf")
-        drop = torch.sort(score, stable=True).indices[:k]
-        m.weight_mask[drop] = 0
-        if m.bias is not None:
-            m.bias_mask[drop] = 0
-        # Inputs beyond this layer's outputs (concat's time column) stay.
-        nxt.weight_mask[:, drop] = 0
-        total += k
+    for chain_name, chain in vector_field_chains(model):
+        layers = prunable_layers(chain)
+        for (name, m), (next_name, nxt) in itertools.pairwise(layers):
+            alive = alive_neurons(m)
+            if nxt.weight.shape[1] < m.weight.shape[0]:
+                where = f"{chain_name}." if chain_name else ""
+                raise ValueError(
+                    f"structured pruning needs a chain of layers: {where}{next_name} reads "
+                    f"{nxt.weight.shape[1]} inputs but {where}{name} has "
+                    f"{m.weight.shape[0]} outputs"
+                )
+            k = round(fraction * int(alive.sum()))
+            if k == 0:
+                continue
+            score = (m.weight * m.weight_mask).abs().flatten(1).sum(1).double()
+            score[~alive] = float("inf")
+            drop = torch.sort(score, stable=True).indices[:k]
+            m.weight_mask[drop] = 0
+            if m.bias is not None:
+                m.bias_mask[drop] = 0
+            # Inputs beyond this layer's outputs (concat's time column) stay.
+            nxt.weight_mask[:, drop] = 0
+            total += k
     apply_masks_(model)
     return total
 

@@ -38,6 +38,22 @@ def test_moons_classifier_learns():
     assert clf.block.nfe_forward > 0 and nfe_backward > 0  # adjoint by default
 
 
+def test_classifier_exposes_the_blocks_nfe_counters():
+    clf = ODEClassifier(in_dim=2, n_classes=3, hidden=(8,), atol=1e-3, rtol=1e-3)
+    assert clf.nfe_forward == 0 and clf.nfe_backward == 0
+    x, y = moons(16)
+    loss = torch.nn.functional.cross_entropy(clf(x), y)
+    assert clf.nfe_forward == clf.block.nfe_forward > 0
+    loss.backward()
+    assert clf.nfe_backward == clf.block.nfe_backward > 0
+
+
+def test_default_width_is_table_s1s_moons_model():
+    # Table S1, MOON: Layers 2 (linear layers), Hidden Size 128 -> 2-128-2.
+    clf = ODEClassifier()
+    assert clf.block.odenet.hidden == (128,)
+
+
 def test_trajectory_starts_at_the_input_and_ends_at_the_block_output():
     clf = ODEClassifier(hidden=(8,))
     x, _ = moons(5)

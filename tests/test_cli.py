@@ -94,3 +94,121 @@ def test_console_entry_point_runs():
     assert result.returncode == 0
     for command in ("train", "prune", "eval", "sample", "report", "demo"):
         assert command in result.stdout
+
+
+CONFIG_YAML = """\
+run:
+  cycles: 1
+  method: structured
+  patience: 3
+  target_ratio: 0.9
+  iters: 2
+data: {n_train: 256, n_val: 64, n_test: 64}
+model: {hidden: [8], atol: 1.0e-3, rtol: 1.0e-3}
+train: {batch_size: 64}
+"""
+
+
+def test_config_file_run_settings_are_not_overridden_by_flag_defaults(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(CONFIG_YAML)
+    out = tmp_path / "run"
+    assert main(["prune", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    run = json.loads((out / "config.json").read_text())["run"]
+    assert (run["cycles"], run["method"], run["patience"], run["target_ratio"]) == (
+        1,
+        "structured",
+        3,
+        0.9,
+    )
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["cycle"] for r in rows] == [0, 1]
+
+    # The same settings from a JSON file; flags given explicitly still win over the file.
+    from flows.cli import build_parser, config_from_args
+
+    cfg_json = tmp_path / "run.json"
+    cfg_json.write_text(json.dumps({"run": {"cycles": 5, "method": "structured", "patience": 2}}))
+    argv = ["prune", "--config", str(cfg_json), "--out", str(out)]
+    run = config_from_args(build_parser().parse_args(argv), pruning=True)["run"]
+    assert (run["cycles"], run["method"], run["patience"]) == (5, "structured", 2)
+    argv += ["--cycles", "7", "--method", "unstructured", "--patience", "4"]
+    run = config_from_args(build_parser().parse_args(argv), pruning=True)["run"]
+    assert (run["cycles"], run["method"], run["patience"]) == (7, "unstructured", 4)
+    # Without a file or flags the documented defaults apply.
+    run = config_from_args(build_parser().parse_args(["prune", "--out", str(out)]), True)["run"]
+    assert (run["cycles"], run["method"], run["patience"], run["target_ratio"]) == (
+        8,
+        "unstructured",
+        None,
+        None,
+    )
+
+
+def _tiny_demo(monkeypatch):
+    """Make `sparseflow demo` tiny: small data, net and loose tolerances."""
+    import flows.pipeline as pipeline
+    from flows.cli import merge_free
+
+    real = pipeline.build_config
+    tiny = {
+        "data": {"n_train": 256, "n_val": 64, "n_test": 64},
+        "model": {"hidden": [8], "atol": 1e-3, "rtol": 1e-3},
+        "train": {"batch_size": 64},
+        "run": {"eval_samples": 64},
+    }
+    monkeypatch.setattr(
+        pipeline, "build_config", lambda dataset, over=None: real(dataset, merge_free(over, tiny))
+    )
+    return ["--cycles", "1", "--iters", "2", "--no-progress"]
+
+
+def test_demo_run_twice_resumes_and_reprints(tmp_path, monkeypatch, capsys):
+    flags = _tiny_demo(monkeypatch)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *flags]) == 0
+    first = capsys.readouterr().out
+    results = {m: (out / m / "results.json").read_text() for m in ("unstructured", "structured")}
+    assert "## gaussians, structured pruning" in first
+
+    assert main(["demo", "--out", str(out), *flags]) == 0
+    captured = capsys.readouterr()
+    second = captured.out
+    assert "already holds" not in captured.err
+    assert "finished demo run" in second
+    assert second.count("| cycle |") == first.count("| cycle |") == 2
+    for m, text in results.items():  # nothing was retrained or overwritten
+        assert (out / m / "results.json").read_text() == text
+    assert (out / "report.md").is_file()
+
+    # Other settings in the same directory: a clear error, nothing overwritten.
+    assert main(["demo", "--out", str(out), *flags, "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "--out" in err
+    for m, text in results.items():
+        assert (out / m / "results.json").read_text() == text
+
+
+def test_demo_continues_an_interrupted_demo(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    flags = _tiny_demo(monkeypatch)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *flags]) == 0
+    drop = {"seconds", "train_seconds", "eval_seconds"}
+
+    def rows(m):
+        return [
+            {k: v for k, v in r.items() if k not in drop}
+            for r in json.loads((out / m / "results.json").read_text())
+        ]
+
+    ref = {m: rows(m) for m in ("unstructured", "structured")}
+    # Only the unstructured half finished: the next demo continues with the structured one.
+    shutil.rmtree(out / "structured")
+    (out / "report.md").unlink()
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), *flags]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert {m: rows(m) for m in ref} == ref
+    assert (out / "report.md").is_file()

@@ -128,6 +128,8 @@ def test_moons_classifier_pipeline_reports_accuracy(tmp_path):
     )
     rows = run_pipeline(config, tmp_path, progress=False)
     assert rows[0]["test_accuracy"] > 0.75  # chance is 0.5
+    for r in rows:
+        assert r["nfe_forward"] > 0 and r["nfe_backward"] > 0  # the classifier's block counts
     assert {"train_accuracy", "val_accuracy"} <= set(rows[1])
     assert (tmp_path / "plots" / "nll_vs_prune_ratio.png").is_file()
 
@@ -161,6 +163,10 @@ def test_presets_hold_the_papers_hyperparameters():
     assert get_preset("miniboone")["model"]["hidden"] == [860, 860]
     assert get_preset("hepmass")["prune"]["prune_ratio"] == 0.22
     assert get_preset("mnist")["train"]["batch_size"] == 200
+    # FFJORD's train_tabular: time_length 0.5, train_T.
+    for name in ("power", "gas", "hepmass", "miniboone", "bsds300"):
+        model = get_preset(name)["model"]
+        assert (model["T"], model["train_T"]) == (0.5, True), name
     assert {
         "gaussians",
         "gaussianspiral",

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from flows import CNF, ConvODEnet, ODEnet
+from flows import CNF, ConvODEnet, ODEClassifier, ODEnet, SequentialFlow
 from flows.prune import (
     alive_neurons,
     prunable_layers,
@@ -149,3 +149,41 @@ def test_bad_fraction_and_method():
         prune_(net, 0.1, "random")
     with pytest.raises(ValueError, match="no prunable"):
         prune_(nn.Tanh(), 0.1, "unstructured")
+
+
+@pytest.mark.parametrize("time", ["none", "concatsquash"])
+def test_structured_prunes_each_block_of_a_stacked_flow_separately(time):
+    flow = SequentialFlow([CNF(ODEnet(3, (10, 10), time=time)) for _ in range(2)])
+    removed = prune_structured_(flow, 0.5)
+    assert removed == 2 * (5 + 5)  # hidden neurons of each block only
+    for cnf in flow.cnfs:
+        layers = [m for _, m in prunable_layers(cnf.odenet)]
+        for m in layers[:-1]:
+            assert int(alive_neurons(m).sum()) == 5
+        # Every output row of each block's last layer stays alive, and no block
+        # loses any of its inputs (the previous block's outputs).
+        assert torch.all(alive_neurons(layers[-1]))
+        assert torch.all(layers[-1].bias_mask == 1)
+        assert torch.all(layers[0].weight_mask.flatten(1).any(0))
+    z = torch.randn(4, 3)
+    assert torch.isfinite(flow.log_prob(z)).all()
+
+
+def test_structured_on_a_classifier_never_prunes_the_vector_fields_outputs_or_the_readout():
+    clf = ODEClassifier(in_dim=2, n_classes=3, hidden=(8, 8))
+    removed = prune_structured_(clf, 0.5)
+    assert removed == 4 + 4
+    layers = [m for _, m in prunable_layers(clf.block.odenet)]
+    assert [int(alive_neurons(m).sum()) for m in layers] == [4, 4, 2]
+    assert torch.all(clf.readout.weight_mask == 1) and torch.all(clf.readout.bias_mask == 1)
+    assert torch.all(clf.readout.weight != 0)
+    # The same without a readout (n_classes == in_dim): unchanged behaviour.
+    plain = ODEClassifier(in_dim=2, n_classes=2, hidden=(8, 8))
+    prune_structured_(plain, 0.5)
+    assert [int(alive_neurons(m).sum()) for _, m in prunable_layers(plain)] == [4, 4, 2]
+
+
+def test_structured_on_a_plain_chain_without_odenets():
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    assert prune_structured_(net, 0.5) == 4 + 4
+    assert [int(alive_neurons(m).sum()) for _, m in prunable_layers(net)] == [4, 4, 3]
