@@ -2,9 +2,9 @@
 
 The fused kernels need sigma(a), sigma'(a) (the JVP and the backward) and
 sigma''(a) (the backward of the JVP). Each is written to agree with PyTorch's
-own module and its autograd formula, including the places where they depart
-from the textbook function: softplus is the identity above a=20 (so its
-derivatives are 1 and 0 there), relu'(0) = 0.
+own module and its autograd formulas, including the places where they depart
+from the textbook function: softplus is the identity above a=20 (derivatives 1
+and 0 there; torch zeroes sigma'' already at a=20), relu'(0) = 0, elu''(0) = 0.
 
 Activation ids are shared with the C++, Triton and CUDA kernels (``ACT_IDS``).
 """
@@ -86,9 +86,11 @@ def act_ref(a: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor, torc
     if act == ACT_IDS["softplus"]:
         linear = a > SOFTPLUS_THRESHOLD
         s = torch.sigmoid(a)
-        h = torch.where(linear, a, torch.log1p(torch.exp(a)))
+        h = F.softplus(a)
         d1 = torch.where(linear, torch.ones_like(a), s)
-        d2 = torch.where(linear, torch.zeros_like(a), s * (1 - s))
+        # torch's double backward zeroes sigma'' from the threshold on (a >= 20),
+        # while its first derivative switches only above it.
+        d2 = torch.where(a < SOFTPLUS_THRESHOLD, s * (1 - s), torch.zeros_like(a))
         return h, d1, d2
     if act == ACT_IDS["relu"]:
         pos = a > 0
@@ -96,10 +98,12 @@ def act_ref(a: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor, torc
     if act == ACT_IDS["elu"]:
         pos = a > 0
         e = torch.exp(torch.clamp(a, max=0))
-        h = torch.where(pos, a, torch.expm1(torch.clamp(a, max=0)))
-        return h, torch.where(pos, torch.ones_like(a), e), torch.where(pos, torch.zeros_like(a), e)
+        h = F.elu(a)
+        # sigma''(0) = 0, as torch's double backward has it.
+        d2 = torch.where(a < 0, e, torch.zeros_like(a))
+        return h, torch.where(pos, torch.ones_like(a), e), d2
     if act == ACT_IDS["swish"]:
         s = torch.sigmoid(a)
         d1 = s * (1 + a * (1 - s))
-        return a * s, d1, s * (1 - s) * (2 + a * (1 - 2 * s))
+        return F.silu(a), d1, s * (1 - s) * (2 + a * (1 - 2 * s))
     raise ValueError(f"unknown activation id {act}; expected one of {ACT_IDS}")

@@ -39,6 +39,20 @@ def _is_pruned(module: nn.Module) -> bool:
     return isinstance(w, torch.Tensor) and w.dim() >= 2 and bool((w == 0).any())
 
 
+def detached_copy(module: nn.Module) -> nn.Module:
+    """copy.deepcopy of a module that may hold non-leaf tensors as plain attributes.
+
+    torch.nn.utils.prune keeps ``weight = weight_orig * weight_mask`` as such an
+    attribute (recomputed by a forward pre-hook), which deepcopy refuses.
+    """
+    memo: dict[int, object] = {}
+    for m in module.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
 def _owner(root: nn.Module, qualname: str) -> tuple[str, nn.Module, str]:
     module_name, _, attr = qualname.rpartition(".")
     return module_name, root.get_submodule(module_name) if module_name else root, attr
@@ -65,7 +79,7 @@ class GenericField(CompiledField):
         super().__init__(source, config)
         self.sparse: dict[str, SparseLinear] = {}
         self.eager_ops: list[str] = []
-        work = copy.deepcopy(source)
+        work = detached_copy(source)
         try:
             traced = fx.symbolic_trace(work)
         except Exception as exc:  # fx raises TraceError, TypeError, ... on dynamic code
@@ -121,6 +135,7 @@ class GenericField(CompiledField):
         state = placeholders[self.arity - 1]
         on_path = _state_path(graph, state)
         params = dict(gm.named_parameters())
+        derived = self._pruned_derived(gm, source, on_path, params)
         count = 0
         for node in list(graph.nodes):
             if node not in on_path:
@@ -147,9 +162,9 @@ class GenericField(CompiledField):
                     node.replace_all_uses_with(call)
                     graph.erase_node(node)
                 else:
-                    self._check_param_uses(node, gm, params)
+                    self._check_param_uses(node, derived)
             elif node.op in ("call_function", "call_method"):
-                self._check_param_uses(node, gm, params)
+                self._check_param_uses(node, derived)
         # Drop what the replacements left unread: the dense weights must not stay
         # parameters of the compiled module (the optimiser sees kept values only).
         for node in list(graph.nodes):
@@ -174,13 +189,37 @@ class GenericField(CompiledField):
         gm.add_submodule(name, lin)
         return name
 
-    def _check_param_uses(self, node: fx.Node, work: nn.Module, params: dict) -> None:
+    def _check_param_uses(self, node: fx.Node, derived: dict[fx.Node, str]) -> None:
         for arg in node.all_input_nodes:
-            if arg.op == "get_attr" and arg.target in params:
-                owner_name, owner, _ = _owner(work, arg.target)
+            if arg in derived:
+                what = getattr(node.target, "__name__", str(node.target))
+                self._unsupported(what, derived[arg])
+                return
+
+    @staticmethod
+    def _pruned_derived(gm: fx.GraphModule, source: nn.Module, on_path: set[fx.Node],
+                        params: dict) -> dict[fx.Node, str]:
+        """Nodes off the state path computed from a pruned parameter -> its owner's name.
+
+        ``z @ self.lin.weight.t()`` reaches the state path through ``t()``, not
+        through the parameter itself.
+        """
+        derived: dict[fx.Node, str] = {}
+        for node in gm.graph.nodes:
+            if node in on_path:
+                continue
+            if node.op == "get_attr" and node.target in params:
+                # The traced module copies the parameter alone; its mask lives on
+                # the source module of the same name.
+                owner_name, owner, _ = _owner(source, node.target)
                 if _is_pruned(owner):
-                    what = getattr(node.target, "__name__", str(node.target))
-                    self._unsupported(what, owner_name or type(work).__name__)
+                    derived[node] = owner_name or type(source).__name__
+            else:
+                for arg in node.all_input_nodes:
+                    if arg in derived:
+                        derived[node] = derived[arg]
+                        break
+        return derived
 
     def _swap_linears(self, work: nn.Module, source: nn.Module) -> nn.Module:
         for name, mod in list(work.named_modules()):

@@ -72,6 +72,8 @@ def _probe_cotangent(
 ) -> torch.Tensor:
     """d div / d (tangent outputs) as [d, K B]."""
     b = grad_div.shape[0]
+    if k == 0:
+        return grad_div.new_zeros(d, 0)
     if exact:
         eye = torch.eye(d, k, dtype=grad_div.dtype, device=grad_div.device)
         return (eye[:, :, None] * grad_div).reshape(d, k * b)
@@ -184,7 +186,7 @@ def mlp_bwd_ref(
             _, d1, d2 = act_ref(a, act)
             hbar, vbar = xbar[:, :b], xbar[:, b:]
             u = scaled[:, b:]
-            abar = hbar * d1 + (vbar * u).reshape(-1, k, b).sum(1) * d2
+            abar = hbar * d1 + (vbar * u).reshape(m.shape[0], k, b).sum(1) * d2
             g = torch.cat([abar, vbar * d1.repeat(1, k)], 1)
         else:
             g = xbar

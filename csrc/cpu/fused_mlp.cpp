@@ -76,7 +76,7 @@ void check_vectors(const std::vector<Tensor>& v, const std::vector<Layer>& layer
 // [x0 | tan0[0] | ... | tan0[K-1]] as one [n0, (1+K) B] matrix.
 Tensor stack_columns(const Tensor& x0, const Tensor& tan0) {
   if (tan0.size(0) == 0) return x0;
-  return at::cat({x0, tan0.permute({1, 0, 2}).reshape({x0.size(0), -1})}, 1);
+  return at::cat({x0, tan0.permute({1, 0, 2}).reshape({x0.size(0), tan0.size(0) * x0.size(1)})}, 1);
 }
 
 // X = [sigma(a) | sigma'(a) * u] with a = s * M_h + c, u = s * M_v (identity on

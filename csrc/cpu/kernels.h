@@ -219,7 +219,7 @@ struct ActVec {
         const Vec lin = a > Vec(T(20));
         const Vec s = sigmoid(a);
         d1 = Vec::blendv(s, one, lin);
-        d2 = Vec::blendv(s * (one - s), zero, lin);
+        d2 = Vec::blendv(s * (one - s), zero, a >= Vec(T(20)));
         return;
       }
       case kRelu:
@@ -230,7 +230,7 @@ struct ActVec {
         const Vec pos = a > zero;
         const Vec e = at::vec::minimum(a, zero).exp();
         d1 = Vec::blendv(e, one, pos);
-        d2 = Vec::blendv(e, zero, pos);
+        d2 = Vec::blendv(zero, e, a < zero);
         return;
       }
       case kSwish: {

@@ -1,0 +1,379 @@
+"""The engine's ops against independent oracles: formats, spmm, sddmm, the fused MLP program."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from engine_helpers import BACKENDS, DENSITIES, assert_close, random_mask
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparsekern import ops
+from sparsekern.activations import ACT_IDS, act_ref
+from sparsekern.formats import LAYOUT_CSR, LAYOUT_DENSE, CSRPattern, split_weights
+from sparsekern.ref import mlp_bwd_ref, mlp_fwd_ref
+
+DTYPES = (torch.float32, torch.float64)
+SHAPES = ((1, 1), (37, 59), (59, 37), (1, 37))
+BATCHES = (1, 37, 1025)
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(0, 40),
+    cols=st.integers(0, 40),
+    density=st.sampled_from(DENSITIES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_csr_pattern_round_trips_any_mask(rows, cols, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=gen) < density
+    p = CSRPattern.from_mask(mask)
+    p.validate()
+    assert p.shape == (rows, cols)
+    assert p.nnz == int(mask.sum())
+    assert torch.equal(p.mask(), mask)
+    vals = torch.randn(p.nnz, generator=gen, dtype=torch.float64)
+    dense = p.to_dense(vals)
+    assert torch.equal(dense[mask], vals)  # row-major order of mask.nonzero()
+    assert torch.count_nonzero(dense[~mask]) == 0
+    # The stored transpose is the CSR of W^T with values vals[perm].
+    pt = CSRPattern.from_mask(mask.t().contiguous())
+    assert torch.equal(p.rowptr_t, pt.rowptr) and torch.equal(p.col_t, pt.col)
+    assert torch.equal(pt.to_dense(vals[p.perm.long()]), dense.t())
+
+
+def test_csr_validate_rejects_inconsistent_patterns():
+    p = CSRPattern.from_mask(torch.tensor([[1, 0], [1, 1]], dtype=torch.bool))
+    bad = CSRPattern(p.rowptr, p.col, p.rowptr_t, p.col_t, p.perm.flip(0))
+    with pytest.raises(ValueError, match="perm"):
+        bad.validate()
+    with pytest.raises(ValueError, match="int32"):
+        CSRPattern(p.rowptr.long(), p.col, p.rowptr_t, p.col_t, p.perm).validate()
+    with pytest.raises(ValueError, match="2-D"):
+        CSRPattern.from_mask(torch.ones(3, dtype=torch.bool))
+
+
+def test_split_weights_names_the_broken_layer():
+    w = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="layer 1"):
+        split_weights([w, w], [LAYOUT_DENSE, LAYOUT_CSR])
+    with pytest.raises(ValueError, match="beyond the last layer"):
+        split_weights([w, w], [LAYOUT_DENSE])
+
+
+# ------------------------------------------------------------------------ spmm, sddmm
+
+
+def _problem(shape, density, n, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r, c = shape
+    mask = random_mask(r, c, density, gen, empty_row=0, empty_col=min(1, c - 1))
+    p = CSRPattern.from_mask(mask)
+    vals = torch.randn(p.nnz, generator=gen, dtype=torch.float64).to(dtype)
+    x = torch.randn(c, n, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(r, n, generator=gen, dtype=torch.float64).to(dtype)
+    return p, mask, vals, x, g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", BATCHES)
+def test_spmm_and_sddmm_match_dense_products(backend, dtype, density, shape, n):
+    p, mask, vals, x, g = _problem(shape, density, n, dtype)
+    w = p.to_dense(vals).double()
+    y = ops.spmm(*p.tensors(), vals, x, False, backend)
+    assert y.dtype == dtype and y.shape == (shape[0], n) and y.is_contiguous()
+    assert_close(y, w @ x.double(), dtype, what="W x")
+    yt = ops.spmm(*p.tensors(), vals, g, True, backend)
+    assert_close(yt, w.t() @ g.double(), dtype, what="W^T g")
+    s = ops.sddmm(*p.tensors(), g, x, backend)
+    assert s.shape == (p.nnz,)
+    assert_close(s, (g.double() @ x.double().t())[mask], dtype, factor=10, what="sddmm")
+
+
+def test_cpu_spmm_of_an_empty_row_is_zero_and_reads_no_pruned_input():
+    # The reference multiplies a dense matrix, where 0 * nan = nan; a sparse kernel
+    # never reads the inputs of pruned places.
+    backend = "cpu"
+    mask = torch.tensor([[0, 0, 0], [1, 0, 1]], dtype=torch.bool)
+    p = CSRPattern.from_mask(mask)
+    x = torch.full((3, 9), float("nan"))
+    x[0] = 1.0
+    x[2] = 2.0
+    y = ops.spmm(*p.tensors(), torch.tensor([3.0, 4.0]), x, False, backend)
+    assert torch.equal(y[0], torch.zeros(9))
+    assert torch.equal(y[1], torch.full((9,), 11.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spmm_and_sddmm_are_differentiable_to_second_order(backend):
+    p, _, vals, x, g = _problem((7, 5), 0.5, 6, torch.float64, seed=3)
+    vals.requires_grad_()
+    x.requires_grad_()
+    g.requires_grad_()
+    for tr, inp in ((False, x), (True, g)):
+        fn = lambda v, a, tr=tr: ops.spmm(*p.tensors(), v, a, tr, backend)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (vals, inp))
+        assert torch.autograd.gradgradcheck(fn, (vals, inp))
+    fn = lambda a, b: ops.sddmm(*p.tensors(), a, b, backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (g, x))
+    assert torch.autograd.gradgradcheck(fn, (g, x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_ops_pass_opcheck(backend):
+    p, _, vals, x, g = _problem((5, 7), 0.5, 9, torch.float64, seed=4)
+    vals.requires_grad_()
+    x.requires_grad_()
+    torch.library.opcheck(ops.spmm, (*p.tensors(), vals, x, False, backend))
+    torch.library.opcheck(ops.spmm, (*p.tensors(), vals, g.requires_grad_(), True, backend))
+    torch.library.opcheck(ops.sddmm, (*p.tensors(), g, x, backend))
+
+
+def test_cpu_backend_rejects_bad_inputs_with_clear_errors():
+    p, _, vals, x, _ = _problem((5, 7), 0.5, 9, torch.float32)
+    with pytest.raises(RuntimeError, match="x has 6 rows, expected 7"):
+        ops.spmm(*p.tensors(), vals, x[:6], False, "cpu")
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.spmm(*p.tensors(), vals.double(), x, False, "cpu")
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        ops.spmm(*p.tensors(), vals, x, False, "triton")
+    with pytest.raises(ValueError, match="not one of"):
+        ops.spmm(*p.tensors(), vals, x, False, "fortran")
+
+
+# ------------------------------------------------------------------- fused MLP program
+
+
+def _program(widths, density, dtype, layouts, scaled, seed=0):
+    """Random masked layers as (dense masked matrices, op weights list, scales, shifts)."""
+    gen = torch.Generator().manual_seed(seed)
+    dense, weights, scales, shifts = [], [], [], []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        mask = random_mask(n_out, n_in, density, gen, empty_row=0, empty_col=0)
+        w = (torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) / n_in**0.5) * mask
+        w = w.to(dtype)
+        dense.append(w)
+        if layouts[i] == LAYOUT_CSR:
+            p = CSRPattern.from_mask(mask)
+            weights += [*p.tensors(), w[mask]]
+        else:
+            weights.append(w)
+        s = (torch.rand(n_out, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+        scales.append(s if scaled and i % 2 == 0 else torch.empty(0, dtype=dtype))
+        shifts.append(torch.randn(n_out, generator=gen, dtype=torch.float64).to(dtype))
+    return dense, weights, scales, shifts
+
+
+def _autograd_program(z, tangents, dense, scales, shifts, act, exact):
+    """f and the divergence of the same MLP by autograd on dense matrices (batch-major)."""
+    zz = z.clone().requires_grad_()
+
+    def f(h):
+        for i, w in enumerate(dense):
+            m = h @ w.t()
+            a = (m if scales[i].numel() == 0 else m * scales[i]) + shifts[i]
+            h = act_ref(a, act)[0] if i + 1 < len(dense) else a
+        return h
+
+    out = f(zz)
+    div = torch.zeros(z.shape[0], dtype=z.dtype)
+    for e in tangents:  # [B, d] each
+        (vjp,) = torch.autograd.grad(out, zz, e, create_graph=True)
+        div = div + (vjp * e).sum(1)
+    return zz, out, div
+
+
+@pytest.mark.parametrize("act", sorted(ACT_IDS))
+@pytest.mark.parametrize("mode", ["hutchinson", "exact"])
+def test_reference_program_matches_autograd(act, mode):
+    dtype = torch.float64
+    d, b = 3, 11
+    widths = (d, 37, 1, 59, d)
+    layouts = [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_CSR, LAYOUT_DENSE]
+    dense, weights, scales, shifts = _program(widths, 0.5, dtype, layouts, scaled=True)
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(b, d, generator=gen, dtype=dtype)
+    if mode == "exact":
+        tangents = [torch.eye(d, dtype=dtype)[k].expand(b, d) for k in range(d)]
+    else:
+        tangents = [torch.randn(b, d, generator=gen, dtype=dtype) for _ in range(2)]
+    tan = torch.stack([e.t() for e in tangents]).contiguous()
+    params = [t.requires_grad_() for t in (*dense, *scales, *shifts) if t.numel()]
+    zz, out, div = _autograd_program(z, tangents, dense, scales, shifts, ACT_IDS[act],
+                                     mode == "exact")
+    weights = [w.detach() for w in weights]
+    scales = [s.detach() for s in scales]
+    shifts = [h.detach() for h in shifts]
+    f, dv, saved = mlp_fwd_ref(z.t().contiguous(), tan, tan, weights, scales, shifts, layouts,
+                               ACT_IDS[act], mode == "exact", True)
+    assert_close(f.t(), out, dtype, what="f")
+    assert_close(dv, div, dtype, factor=100, what="div")
+    gf = torch.randn(b, d, generator=gen, dtype=dtype)
+    gd = torch.randn(b, generator=gen, dtype=dtype)
+    ref_grads = torch.autograd.grad((out * gf).sum() + (div * gd).sum(), [zz, *params],
+                                    allow_unused=True)
+    g_x, g_w, g_s, g_h = mlp_bwd_ref(gf.t().contiguous(), gd, z.t().contiguous(), tan, tan,
+                                     weights, scales, shifts, layouts, ACT_IDS[act],
+                                     mode == "exact", saved)
+    assert_close(g_x.t(), ref_grads[0], dtype, factor=100, what="grad z")
+    got = []
+    for i, g in enumerate(g_w):
+        mask = dense[i].detach() != 0
+        got.append(g * mask if layouts[i] == LAYOUT_DENSE else
+                   CSRPattern.from_mask(mask).to_dense(g))
+    got += [g for g in g_s if g.numel()] + list(g_h)
+    masks = [w.detach() != 0 for w in dense]
+    for k, (g, r) in enumerate(zip(got, ref_grads[1:], strict=True)):
+        r = torch.zeros_like(g) if r is None else r
+        if k < len(dense):
+            r = r * masks[k]
+        assert_close(g, r, dtype, factor=100, what=f"grad {k}")
+
+
+def _fused_case(dtype, widths, density, mode, b, act, layouts, scaled=True, seed=0):
+    _, weights, scales, shifts = _program(widths, density, dtype, layouts, scaled, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    d = widths[0]
+    x0 = torch.randn(d, b, generator=gen, dtype=torch.float64).to(dtype)
+    if mode == "exact":
+        tan0 = torch.eye(d, dtype=dtype)[:, :, None].expand(d, d, b).contiguous()
+    elif mode == "hutchinson":
+        tan0 = torch.randn(1, d, b, generator=gen, dtype=torch.float64).to(dtype)
+    else:
+        tan0 = torch.empty(0, d, b, dtype=dtype)
+    probe = tan0 if mode == "hutchinson" else torch.empty(0, dtype=dtype)
+    return (x0, tan0, probe, weights, scales, shifts, layouts, ACT_IDS[act], mode == "exact")
+
+
+FUSED_CASES = [
+    # (widths, density, mode, batch, act)
+    ((2, 64, 64, 64, 2), 1.0, "hutchinson", 1025, "sigmoid"),
+    ((2, 64, 64, 64, 2), 0.3, "exact", 37, "tanh"),
+    ((1, 37, 1), 0.5, "hutchinson", 1, "softplus"),
+    ((3, 59, 37, 3), 0.9, "none", 37, "relu"),
+    ((3, 59, 37, 3), 0.99, "exact", 1025, "elu"),
+    ((5, 37, 59, 5), 0.0, "hutchinson", 37, "swish"),
+    ((5, 37, 59, 5), 0.5, "hutchinson", 37, "identity"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-B{c[3]}-{c[4]}")
+@pytest.mark.parametrize("layout", ["dense", "csr", "mixed"])
+def test_cpu_fused_program_matches_reference(dtype, case, layout):
+    widths, density, mode, b, act = case
+    n = len(widths) - 1
+    layouts = {"dense": [LAYOUT_DENSE] * n, "csr": [LAYOUT_CSR] * n,
+               "mixed": [LAYOUT_CSR if i % 2 else LAYOUT_DENSE for i in range(n)]}[layout]
+    args = _fused_case(dtype, widths, density, mode, b, act, layouts)
+    f, div, saved = ops.mlp_fwd(*args, True, "cpu")
+    rf, rdiv, rsaved = ops.mlp_fwd(*args, True, "ref")
+    assert_close(f, rf, dtype, factor=10, what="f")
+    if mode != "none":
+        assert_close(div, rdiv, dtype, factor=100, what="div")
+    else:
+        assert torch.equal(div, torch.zeros_like(div))
+    assert len(saved) == len(rsaved) == 2 * n - 1
+    for s, r in zip(saved, rsaved, strict=True):
+        assert_close(s, r, dtype, factor=10, what="saved")
+    # Without save, nothing is kept and the result is the same.
+    f2, div2, saved2 = ops.mlp_fwd(*args, False, "cpu")
+    assert saved2 == [] and torch.equal(f2, f) and torch.equal(div2, div)
+    gen = torch.Generator().manual_seed(9)
+    gf = torch.randn(f.shape, generator=gen, dtype=torch.float64).to(dtype)
+    gd = torch.randn(div.shape, generator=gen, dtype=torch.float64).to(dtype)
+    got = ops.mlp_bwd(gf, gd, *args[:-1], args[-1], saved, "cpu")
+    ref = ops.mlp_bwd(gf, gd, *args[:-1], args[-1], rsaved, "ref")
+    assert_close(got[0], ref[0], dtype, factor=100, what="grad x0")
+    for k in (1, 2, 3):
+        for g, r in zip(got[k], ref[k], strict=True):
+            assert g.shape == r.shape
+            if r.numel():
+                assert_close(g, r, dtype, factor=1000, what=f"grad list {k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_program_gradcheck_and_opcheck(backend):
+    dtype = torch.float64
+    layouts = [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_CSR]
+    x0, tan0, probe, weights, scales, shifts, layouts, act, exact = _fused_case(
+        dtype, (3, 5, 4, 3), 0.6, "hutchinson", 4, "tanh", layouts)
+    x0.requires_grad_()
+    diff = [w for w in weights if w.is_floating_point()]
+    for w in (*diff, *[s for s in scales if s.numel()], *shifts):
+        w.requires_grad_()
+    args = (x0, tan0, probe, weights, scales, shifts, layouts, act, exact, True, backend)
+    torch.library.opcheck(ops.mlp_fwd, args)
+
+    def fn(x0, *params):
+        it = iter(params)
+        ws = [next(it) if w.is_floating_point() else w for w in weights]
+        ss = [next(it) if s.numel() else s for s in scales]
+        hs = [next(it) for _ in shifts]
+        return ops.mlp_fwd(x0, tan0, probe, ws, ss, hs, layouts, act, exact, True, backend)[:2]
+
+    params = (*diff, *[s for s in scales if s.numel()], *shifts)
+    assert torch.autograd.gradcheck(fn, (x0, *params))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_program_refuses_a_second_derivative(backend):
+    args = _fused_case(torch.float64, (2, 4, 2), 1.0, "hutchinson", 3, "tanh",
+                       [LAYOUT_DENSE, LAYOUT_DENSE])
+    x0 = args[0].requires_grad_()
+    _, div, _ = ops.mlp_fwd(*args, True, backend)
+    (g,) = torch.autograd.grad(div.sum(), x0)  # first order works
+    assert g.shape == x0.shape
+    _, div, _ = ops.mlp_fwd(*args, True, backend)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(div.sum(), x0, create_graph=True)
+
+
+def test_fused_program_without_saved_activations_has_no_backward():
+    args = _fused_case(torch.float64, (2, 4, 2), 1.0, "hutchinson", 3, "tanh",
+                       [LAYOUT_DENSE, LAYOUT_DENSE])
+    args[0].requires_grad_()
+    _, div, _ = ops.mlp_fwd(*args, False, "cpu")
+    with pytest.raises(RuntimeError, match="save=False"):
+        div.sum().backward()
+
+
+def test_cpu_fused_program_checks_shapes():
+    args = list(_fused_case(torch.float32, (2, 4, 2), 1.0, "exact", 3, "tanh",
+                            [LAYOUT_DENSE, LAYOUT_DENSE]))
+    args[1] = args[1][:1]  # one tangent where the exact trace needs d = 2
+    with pytest.raises(RuntimeError, match="exact trace needs K = d = 2"):
+        ops.mlp_fwd(*args, False, "cpu")
+    args = list(_fused_case(torch.float32, (2, 4, 2), 1.0, "none", 3, "tanh",
+                            [LAYOUT_DENSE, LAYOUT_DENSE]))
+    args[5] = [args[5][0][:3], args[5][1]]
+    with pytest.raises(RuntimeError, match="layer 0 shift has shape"):
+        ops.mlp_fwd(*args, False, "cpu")
+
+
+@pytest.mark.parametrize("act", sorted(ACT_IDS))
+def test_activation_derivatives_match_autograd(act):
+    a = torch.linspace(-25, 25, 2001, dtype=torch.float64)
+    a = torch.cat([a, torch.tensor([0.0, 20.0, 20.5, -1e-9])]).requires_grad_()
+    h, d1, d2 = act_ref(a, ACT_IDS[act])
+    (g1,) = torch.autograd.grad(h.sum(), a, create_graph=True)
+    if g1.requires_grad:  # identity's derivative is a constant with no graph
+        (g2,) = torch.autograd.grad(g1.sum(), a, allow_unused=True)
+    else:
+        g2 = None
+    g2 = torch.zeros_like(a) if g2 is None else g2
+    assert torch.allclose(d1, g1, atol=1e-12), act
+    assert torch.allclose(d2, g2, atol=1e-10), act
+    module = {"tanh": torch.nn.Tanh(), "sigmoid": torch.nn.Sigmoid(),
+              "softplus": torch.nn.Softplus(), "relu": torch.nn.ReLU(), "elu": torch.nn.ELU(),
+              "swish": torch.nn.SiLU(), "identity": torch.nn.Identity()}[act]
+    assert torch.equal(h, module(a))
