@@ -86,6 +86,13 @@ def _add_run_arguments(p: argparse.ArgumentParser, pruning: bool) -> None:
         metavar="KEY=VALUE",
         help="override one setting, e.g. --set train.lr=1e-3 --set model.hidden=[64,64]",
     )
+    p.add_argument(
+        "--kernels",
+        choices=("compiled", "dense"),
+        default=None,
+        help="train and evaluate each cycle on sparsekern's compiled kernels (kept values only) "
+        "or on the dense masked model (default: compiled)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -99,7 +106,7 @@ def config_from_args(args: argparse.Namespace, pruning: bool) -> dict[str, Any]:
     if args.config:
         overrides = load_config_file(args.config)
     run: dict[str, Any] = {}
-    for key in ("iters", "budget", "seed", "data_root", "dtype"):
+    for key in ("iters", "budget", "seed", "data_root", "dtype", "kernels"):
         if getattr(args, key) is not None:
             run[key] = getattr(args, key)
     if pruning:

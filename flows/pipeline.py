@@ -12,6 +12,17 @@ A run lives in one directory::
 Each cycle seeds its own randomness from (seed, cycle), so a run resumed after
 a kill gives the same results.json as an uninterrupted one.
 
+Kernels (``run.kernels``, ``--kernels``): "compiled" (the default) trains and
+evaluates each cycle on ``sparsekern.compile_sparse``'d dynamics, whose
+parameters are the kept values only, then writes them back into the dense
+masked model, which is pruned next and checkpointed as before (``flows.engine``).
+"dense" trains the dense masked model itself. Rows of a compiled run add
+``kernels``, ``not_compiled`` (ops that ran dense, e.g. an image flow's
+convolutions) and, when ``run.speedup_steps`` > 0, ``step_seconds_dense``,
+``step_seconds_compiled`` and ``speedup``: a training step of both models on the
+same batches, measured in the same run (the global RNG is restored, so the
+measurement changes no result).
+
 Two prune ratios appear, and they differ for structured pruning:
 
 - ``prune.prune_ratio`` (PR, the ``--prune-ratio`` flag) is what each cycle
@@ -53,6 +64,7 @@ from flows.datasets import (
     toy_classification,
     toy_data,
 )
+from flows.engine import KERNELS, compile_for_training, measure_speedup, write_back
 from flows.likelihood import LogitTransform, bits_per_dim, dequantize, nll_nats
 from flows.neural_ode import ODEClassifier
 from flows.odenet import ConvODEnet, ODEnet
@@ -85,6 +97,8 @@ RUN_DEFAULTS: dict[str, Any] = {
     "data_root": None,
     "dtype": "float32",
     "eval_samples": 2048,
+    "kernels": "compiled",
+    "speedup_steps": 3,
 }
 
 
@@ -117,6 +131,10 @@ def validate_config(config: dict[str, Any]) -> None:
         raise ValueError(f"run.iters must be >= 1, got {run['iters']}")
     if run["dtype"] not in DTYPES:
         raise ValueError(f"run.dtype={run['dtype']!r}; expected one of {sorted(DTYPES)}")
+    if run["kernels"] not in KERNELS:
+        raise ValueError(f"run.kernels={run['kernels']!r}; expected one of {KERNELS}")
+    if run["speedup_steps"] < 0:
+        raise ValueError(f"run.speedup_steps must be >= 0, got {run['speedup_steps']}")
     if run["patience"] is not None and run["patience"] < 1:
         raise ValueError(f"run.patience must be >= 1 (or null to disable), got {run['patience']}")
 
@@ -313,11 +331,16 @@ def load_cycle_model(
     if data is None:
         data = load_run_data(config)
     model = build_model(config, data)
-    if any(k.endswith("weight_mask") for k in state["model"]):
-        ensure_masks(model)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"])
     model.eval()
     return model, config, data
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, Any]) -> None:
+    """Load a checkpoint's model state, giving ``model`` mask buffers first if it has some."""
+    if any(k.endswith("weight_mask") for k in state_dict):
+        ensure_masks(model)
+    model.load_state_dict(state_dict)
 
 
 def read_results(out: str | Path) -> list[dict[str, Any]]:
@@ -396,9 +419,7 @@ def run_pipeline(
 
     if rows:
         state = load_checkpoint(_cycle_path(out, rows[-1]["cycle"]))
-        if any(k.endswith("weight_mask") for k in state["model"]):
-            ensure_masks(model)
-        model.load_state_dict(state["model"])
+        load_model_state(model, state["model"])
         if _stop_reason(config, rows):
             return rows
 
@@ -417,13 +438,18 @@ def run_pipeline(
             prune_(model, config["prune"]["prune_ratio"], run["method"])
         cfg = train_config(config, n_train, cycle)
         train_ckpt = out / "checkpoints" / f"train_cycle_{cycle:03d}.pt"
-        if cycle == 0 and warm_start is not None:
-            state = load_checkpoint(warm_start)
-            model.load_state_dict(state["model"])
-            history = state["history"]
+        warm = load_checkpoint(warm_start) if cycle == 0 and warm_start is not None else None
+        if warm is not None:
+            load_model_state(model, warm["model"])
+        # Train and evaluate on compiled kernels (kept values only), or on the
+        # dense masked model itself.
+        compiled = run["kernels"] == "compiled"
+        work, dense_ops = compile_for_training(model) if compiled else (model, [])
+        if warm is not None:
+            history = warm["history"]
         else:
             history = fit(
-                model,
+                work,
                 task.loss,
                 task.train_tensors,
                 cfg,
@@ -432,14 +458,20 @@ def run_pipeline(
                 progress=progress,
                 desc=f"cycle {cycle}",
             )
+        if compiled:
+            write_back(work)
         t_train = time.perf_counter() - t_start
         t0 = time.perf_counter()
         limit = run["eval_samples"]
         metrics = {
-            split: task.evaluate(model, split, limit if split == "train" else None)
+            split: task.evaluate(work, split, limit if split == "train" else None)
             for split in ("train", "val", "test")
         }
         t_eval = time.perf_counter() - t0
+        speed = {}
+        if compiled and run["speedup_steps"] > 0:
+            speed = measure_speedup(model, work, task.loss, task.train_tensors, cfg.batch_size,
+                                    run["speedup_steps"], seed=cfg.seed)
         s = sparsity(model)
         row: dict[str, Any] = {
             "cycle": cycle,
@@ -455,7 +487,11 @@ def run_pipeline(
             "train_seconds": t_train,
             "eval_seconds": t_eval,
             "iters": cfg.iters,
+            "kernels": run["kernels"],
+            **speed,
         }
+        if compiled:
+            row["not_compiled"] = dense_ops
         if task.classification:
             for split in ("train", "val", "test"):
                 row[f"{split}_accuracy"] = metrics[split]["accuracy"]

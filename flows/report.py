@@ -61,6 +61,9 @@ def results_table(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> str
     if acc:
         head.append("test acc.")
     head += ["NFE fwd", "NFE bwd", "seconds"]
+    timed = any("speedup" in r for r in rows)
+    if timed:
+        head += ["step dense (ms)", "step compiled (ms)", "speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
@@ -75,8 +78,25 @@ def results_table(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> str
         if acc:
             cells.append(f"{100 * r['test_accuracy']:.1f}%")
         cells += [str(int(r["nfe_forward"])), str(int(r["nfe_backward"])), f"{r['seconds']:.1f}"]
+        if timed:
+            cells += (
+                [f"{1e3 * r['step_seconds_dense']:.1f}", f"{1e3 * r['step_seconds_compiled']:.1f}",
+                 f"{r['speedup']:.2f}x"]
+                if "speedup" in r else ["", "", ""]
+            )
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = sorted({op for r in rows for op in r.get("not_compiled", [])})
+    kernels = {r.get("kernels", "dense") for r in rows}
+    text = "\n".join(lines) + "\n"
+    if "compiled" in kernels:
+        text += (
+            "\nTrained and evaluated on sparsekern's compiled kernels; the step times are a "
+            "training step (forward and backward) of the dense masked model and of the compiled "
+            "one on the same batches, measured in this run.\n"
+        )
+    if notes:
+        text += "\nNot compiled (ran dense through PyTorch): " + ", ".join(notes) + ".\n"
+    return text
 
 
 def _label(config: dict[str, Any]) -> str:

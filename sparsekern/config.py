@@ -30,6 +30,10 @@ class SparseConfig:
         reduce_neurons: remove neurons that no output depends on and fold the
             constant output of neurons that depend on no input.
         batch_hint: batch size the "auto" layout is measured at.
+        autotune: "auto" measures the candidate layouts (fastest here, but a
+            near tie may go either way from run to run); False picks by a
+            density rule alone, so the same masks always give the same layouts
+            and bit-identical results (the pipeline's resumable runs use this).
         allow_tf32: let GPU kernels use TF32 products (default exact fp32:
             adaptive solvers need the accuracy).
     """
@@ -40,6 +44,7 @@ class SparseConfig:
     fallback: str = "error"
     reduce_neurons: bool = True
     batch_hint: int = 1024
+    autotune: bool = True
     allow_tf32: bool = False
 
     def __post_init__(self) -> None:

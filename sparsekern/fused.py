@@ -177,24 +177,25 @@ class FusedLayer(nn.Module):
         self.n_in = n_in_total - 1 if layer.time == "concat" else n_in_total
         rows, cols, dead = plan["rows"], plan["cols"], plan["dead"]
         self.all_rows = rows.numel() == n_out
-        self.register_buffer("rows", rows)
-        self.register_buffer("dead", dead if dead.numel() else None)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("dead", dead if dead.numel() else None, persistent=False)
         self.core = CoreMatrix(self.weight, rows, cols, layout)
         r = self.weight.flat_index // n_in_total
         c = self.weight.flat_index % n_in_total
         if layer.time == "concat":
             t_sel = (c == self.n_in).nonzero().squeeze(1)
-            self.register_buffer("time_sel", t_sel)
-            self.register_buffer("time_rows", r[t_sel])
+            self.register_buffer("time_sel", t_sel, persistent=False)
+            self.register_buffer("time_rows", r[t_sel], persistent=False)
         # Kept weights from dead (constant) neurons of the previous layer.
-        self.register_buffer("fold_sel", None)
+        self.register_buffer("fold_sel", None, persistent=False)
         if prev_dead is not None and prev_dead.numel():
             pos = torch.full((n_in_total,), -1, dtype=torch.long, device=c.device)
             pos[prev_dead] = torch.arange(prev_dead.numel(), device=c.device)
             sel = (pos[c] >= 0).nonzero().squeeze(1)
             if sel.numel():
                 self.fold_sel = sel
-                self.register_buffer("fold_index", r[sel] * prev_dead.numel() + pos[c[sel]])
+                fold_index = r[sel] * prev_dead.numel() + pos[c[sel]]
+                self.register_buffer("fold_index", fold_index, persistent=False)
                 self.n_fold = prev_dead.numel()
 
     def affine(self, t: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor | None,
@@ -247,7 +248,8 @@ class FusedMLP(CompiledField):
         for layer, p in zip(chain.layers, plan, strict=True):
             if config.layout == "auto":
                 core_mask = _state_mask(layer).index_select(0, p["rows"]).index_select(1, p["cols"])
-                layout = choose_layout(core_mask, 2 * config.batch_hint, dtype, backend)
+                layout = choose_layout(core_mask, 2 * config.batch_hint, dtype, backend,
+                                       config.autotune)
             elif config.layout == "blocked":
                 raise CompileError("layout='blocked' is not implemented yet")
             else:
@@ -255,7 +257,7 @@ class FusedMLP(CompiledField):
             layers.append(FusedLayer(layer, p, prev_dead, layout))
             prev_dead = p["dead"]
         self.layers = nn.ModuleList(layers)
-        self.register_buffer("cols0", plan[0]["cols"])
+        self.register_buffer("cols0", plan[0]["cols"], persistent=False)
         self.all_cols0 = plan[0]["cols"].numel() == chain.in_dim
         self.layouts = [layer.core.code for layer in self.layers]
         self._params = list(self.parameters())

@@ -25,6 +25,10 @@ from sparsekern.masks import CompileError, MaskedTensor
 class KeptTensor(nn.Module):
     """The kept entries of a masked tensor, trainable, and the way back to it.
 
+    Index buffers here and in the layouts are derived from the masks and not
+    saved: a compiled module's state_dict is its kept values, whatever layout
+    the cost model picked.
+
     ``values`` [nnz] holds the kept entries in row-major order; ``dense()``
     rebuilds the full tensor (differentiable, zeros at pruned places) and
     ``write_back()`` copies the values into the source module.
@@ -36,7 +40,8 @@ class KeptTensor(nn.Module):
         self.shape = tuple(source.mask.shape)
         self.values = nn.Parameter(source.kept_values.clone())
         self.full = bool(source.mask.all())
-        self.register_buffer("flat_index", source.mask.flatten().nonzero().squeeze(1))
+        flat_index = source.mask.flatten().nonzero().squeeze(1)
+        self.register_buffer("flat_index", flat_index, persistent=False)
         self._source = [source]  # a list: not a submodule, not in state_dict
 
     @property
@@ -88,13 +93,14 @@ class CoreMatrix(nn.Module):
         # Row-major order of the reduced coordinates equals the original order
         # (the index maps are increasing), so the CSR order is ``sel``'s order.
         identity = sel.numel() == weight.nnz
-        self.register_buffer("sel", None if identity else sel)
+        self.register_buffer("sel", None if identity else sel, persistent=False)
         self.nnz = sel.numel()
         self.density = self.nnz / (self.n_rows * self.n_cols) if self.n_rows * self.n_cols else 0.0
         self.name = weight.name
         self.dense_view = identity and self.nnz == self.n_rows * self.n_cols
         if layout == "dense":
-            self.register_buffer("reduced_index", rr[in_core] * self.n_cols + cc[in_core])
+            reduced_index = rr[in_core] * self.n_cols + cc[in_core]
+            self.register_buffer("reduced_index", reduced_index, persistent=False)
             self.pattern = None
         else:
             core_mask = torch.zeros(self.n_rows, self.n_cols, dtype=torch.bool,
@@ -103,7 +109,7 @@ class CoreMatrix(nn.Module):
             p = CSRPattern.from_mask(core_mask)
             for name, t in zip(("rowptr", "col", "rowptr_t", "col_t", "perm"), p.tensors(),
                                strict=True):
-                self.register_buffer(name, t)
+                self.register_buffer(name, t, persistent=False)
 
     @property
     def code(self) -> int:
@@ -160,8 +166,8 @@ class SparseLinear(nn.Module):
         cols = mask.any(0).nonzero().squeeze(1)
         self.all_rows = rows.numel() == self.out_features
         self.all_cols = cols.numel() == self.in_features
-        self.register_buffer("rows", rows)
-        self.register_buffer("cols", cols)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
         self.core = CoreMatrix(self.weight, rows, cols, layout)
         self.backend = backend  # kept in step with the device by CompiledField._apply
 

@@ -155,7 +155,7 @@ def _tiny_demo(monkeypatch):
         "data": {"n_train": 256, "n_val": 64, "n_test": 64},
         "model": {"hidden": [8], "atol": 1e-3, "rtol": 1e-3},
         "train": {"batch_size": 64},
-        "run": {"eval_samples": 64},
+        "run": {"eval_samples": 64, "speedup_steps": 1},
     }
     monkeypatch.setattr(
         pipeline, "build_config", lambda dataset, over=None: real(dataset, merge_free(over, tiny))
@@ -195,7 +195,8 @@ def test_demo_continues_an_interrupted_demo(tmp_path, monkeypatch, capsys):
     flags = _tiny_demo(monkeypatch)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *flags]) == 0
-    drop = {"seconds", "train_seconds", "eval_seconds"}
+    drop = {"seconds", "train_seconds", "eval_seconds", "step_seconds_dense",
+            "step_seconds_compiled", "speedup"}
 
     def rows(m):
         return [

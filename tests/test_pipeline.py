@@ -17,13 +17,14 @@ TINY = {
 
 def tiny(dataset="gaussians", **run):
     over = {k: dict(v) for k, v in TINY.items()}
-    over["run"] = {"iters": 8, "cycles": 2, **run}
+    over["run"] = {"iters": 8, "cycles": 2, "speedup_steps": 0, **run}
     over["prune"] = {"prune_ratio": 0.3}
     return build_config(dataset, over)
 
 
 def strip(rows):
-    drop = {"seconds", "train_seconds", "eval_seconds"}
+    drop = {"seconds", "train_seconds", "eval_seconds", "step_seconds_dense",
+            "step_seconds_compiled", "speedup"}
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 

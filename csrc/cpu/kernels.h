@@ -10,6 +10,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+#include <cmath>
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -102,6 +107,31 @@ void csr_matmul(const int32_t* rowptr, const int32_t* col, const int32_t* perm, 
   });
 }
 
+// y = W x for a dense W [n_rows, n_in] with a handful of inputs (a flow's first
+// layer reads the d state dimensions): BLAS spends most of its time packing
+// when K is tiny, a direct loop does not.
+template <typename T>
+void small_k_matmul(const T* w, int64_t ldw, const T* x, int64_t ldx, T* y, int64_t ldy,
+                    int64_t n_rows, int64_t n_in, int64_t N) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  at::parallel_for(0, n_rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* wr = w + r * ldw;
+      T* yr = y + r * ldy;
+      for (int64_t j = 0; j < N; j += V) {
+        const int64_t n = std::min<int64_t>(V, N - j);
+        Vec acc(T(0));
+        for (int64_t c = 0; c < n_in; ++c) {
+          acc = at::vec::fmadd(Vec(wr[c]), Vec::loadu(x + c * ldx + j, n), acc);
+        }
+        acc.store(yr + j, n);
+      }
+    }
+  });
+}
+constexpr int64_t kSmallK = 8;
+
 // out[k] = sum_j a[row_k, j] * b[col_k, j] over j < N: (a b^T) at the kept places.
 template <typename T>
 void csr_sddmm(const int32_t* rowptr, const int32_t* col, const T* a, int64_t lda, const T* b,
@@ -147,6 +177,47 @@ void csr_sddmm(const int32_t* rowptr, const int32_t* col, const T* a, int64_t ld
   });
 }
 
+// exp for the activations. float on AVX2: an inline Cephes-style polynomial
+// (2^n p(r), |r| <= ln2/2, about 1 ulp), twice as fast as the out-of-line Sleef
+// call behind Vectorized<float>::exp, which the epilogues of small layers are
+// bound by. Elsewhere (double, no AVX2): Vectorized::exp.
+template <typename T>
+inline at::vec::Vectorized<T> vexp(const at::vec::Vectorized<T>& x) {
+  return x.exp();
+}
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline at::vec::Vectorized<float> vexp<float>(const at::vec::Vectorized<float>& v) {
+  __m256 x = v;
+  // exp overflows above 88.72 and is 0 below -103.97; the clamps keep 2^n finite
+  // and the result saturates like expf (inf above, 0 far below).
+  const __m256 big = _mm256_cmp_ps(x, _mm256_set1_ps(88.72283905206835f), _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654475055310f)),
+                    _mm256_set1_ps(88.72283905206835f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln2 split in two so that r = x - n ln2 is exact to float precision.
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // 2^n in two halves: n can reach 128, one past the largest float exponent.
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256 s1 = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
+  const __m256 out = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+  return _mm256_blendv_ps(out, _mm256_set1_ps(INFINITY), big);
+}
+#endif
+
 // Activation ids: sparsekern/activations.py ACT_IDS.
 enum Act : int64_t { kIdentity = 0, kTanh = 1, kSigmoid = 2, kSoftplus = 3, kRelu = 4, kElu = 5, kSwish = 6 };
 
@@ -154,7 +225,7 @@ template <typename T>
 struct ActVec {
   using Vec = at::vec::Vectorized<T>;
 
-  static Vec sigmoid(const Vec& a) { return (Vec(T(1)) + a.neg().exp()).reciprocal(); }
+  static Vec sigmoid(const Vec& a) { return (Vec(T(1)) + vexp<T>(a.neg())).reciprocal(); }
 
   // h = sigma(a), d1 = sigma'(a); the formulas follow sparsekern/activations.py.
   static void value_d1(int64_t act, const Vec& a, Vec& h, Vec& d1) {
@@ -169,9 +240,12 @@ struct ActVec {
         d1 = h * (one - h);
         return;
       case kSoftplus: {
+        // One exp serves both: e = exp(a), h = log1p(e), d1 = e / (1 + e). Above
+        // the threshold e may overflow; blendv takes the linear branch there.
         const Vec lin = a > Vec(T(20));
-        h = Vec::blendv(a.exp().log1p(), a, lin);
-        d1 = Vec::blendv(sigmoid(a), one, lin);
+        const Vec e = vexp<T>(a);
+        h = Vec::blendv(e.log1p(), a, lin);
+        d1 = Vec::blendv(e / (one + e), one, lin);
         return;
       }
       case kRelu: {

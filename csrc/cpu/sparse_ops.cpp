@@ -82,6 +82,14 @@ void layer_matmul(const std::vector<Tensor>& layer, const Tensor& x, Tensor& y, 
   TORCH_INTERNAL_ASSERT(x.stride(1) == 1 && y.stride(1) == 1);
   if (layer.size() == 1) {
     const Tensor& w = layer[0];
+    if (!transpose && w.size(1) <= kSmallK && w.is_contiguous()) {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_small_k", [&] {
+        small_k_matmul<scalar_t>(w.data_ptr<scalar_t>(), w.size(1), x.data_ptr<scalar_t>(),
+                                 x.stride(0), y.data_ptr<scalar_t>(), y.stride(0), w.size(0),
+                                 w.size(1), x.size(1));
+      });
+      return;
+    }
     at::mm_out(y, transpose ? w.t() : w, x);
     return;
   }
