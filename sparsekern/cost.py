@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from sparsekern.formats import CSRPattern
+from sparsekern.formats import BlockedPattern, CSRPattern
 
 DENSE_ABOVE = 0.5
 CSR_BELOW = 0.05
@@ -41,19 +41,20 @@ def _time(fn, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _csr_kernel(backend: str):
+def _kernels(backend: str):
+    """The module whose ``spmm`` and ``spmm_blocked`` a backend runs (None for ref)."""
     if backend == "cpu":
         from sparsekern.backends import cpu
 
-        return cpu.extension().spmm
+        return cpu.extension()
     if backend == "triton":
         from sparsekern import triton as triton_backend
 
-        return triton_backend.spmm
+        return triton_backend
     if backend == "cuda":
         from sparsekern.backends import cuda
 
-        return cuda.extension().spmm
+        return cuda.extension()
     return None
 
 
@@ -66,18 +67,21 @@ def measure_layouts(mask: torch.Tensor, n_batch: int, dtype: torch.dtype, backen
     x = torch.randn(c, n_batch, dtype=dtype, device=device)
     w = torch.randn(r, c, dtype=dtype, device=device) * mask
     out = {"dense": _time(lambda: w @ x, device)}
-    kernel = _csr_kernel(backend)
-    if kernel is not None:
+    module = _kernels(backend)
+    if module is not None:
         p = CSRPattern.from_mask(mask)
+        b = BlockedPattern.from_csr(p)
         vals = w[mask]
-        args = (*p.tensors(), vals, x, False)
-        out["csr"] = _time(lambda: kernel(*args), device)
+        out["csr"] = _time(lambda: module.spmm(*p.tensors(), vals, x, False), device)
+        out["blocked"] = _time(
+            lambda: module.spmm_blocked(*p.tensors(), vals, *b.tensors(), x), device
+        )
     return out
 
 
 def choose_layout(mask: torch.Tensor, n_batch: int, dtype: torch.dtype, backend: str,
                   measure: bool = True) -> str:
-    """"dense" or "csr" for a core of kept places ``mask`` [R, C] at ``n_batch`` columns.
+    """"dense", "csr" or "blocked" for a core of kept places ``mask`` [R, C], ``n_batch`` columns.
 
     ``measure=False`` decides by density alone (``RULE_DENSE_ABOVE``): deterministic.
     """

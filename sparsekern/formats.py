@@ -140,25 +140,97 @@ class CSRPattern:
             raise ValueError("perm does not map the transposed entries onto the CSR entries")
 
 
+BLOCK_ROWS = 4  # rows per block of the blocked layout (kernels assume this value)
+
+
+@dataclass(frozen=True)
+class BlockedPattern:
+    """The blocked layout of a CSR pattern: groups of ``BLOCK_ROWS`` rows share a column list.
+
+    Group g holds rows [4g, 4g + 4); its blocks are the columns where any of those
+    rows keeps an entry, each block a vertical 4 x 1 strip of values (zero where
+    not kept). A product then loads each input row once for four output rows,
+    which CSR cannot; the zero fill is the price, so it pays at moderate
+    densities. Values stay the CSR ``vals``: ``bslot`` scatters them into the
+    block storage ([n_blocks, 4], row-major), and W^T g and the weight gradient
+    use the CSR pattern the layout is built from.
+
+    Attributes:
+        bptr: [n_groups + 1] int32, group g's blocks are bptr[g]:bptr[g+1].
+        bcol: [n_blocks] int32 column of each block.
+        bslot: [nnz] int32, where CSR entry k lives in the block storage.
+    """
+
+    bptr: torch.Tensor
+    bcol: torch.Tensor
+    bslot: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.bptr, self.bcol, self.bslot]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.bcol.numel()
+
+    def block_values(self, vals: torch.Tensor) -> torch.Tensor:
+        """[n_blocks, BLOCK_ROWS] block storage of CSR values ``vals`` (zero fill)."""
+        out = vals.new_zeros(self.n_blocks * BLOCK_ROWS)
+        return out.index_put((self.bslot.long(),), vals).view(self.n_blocks, BLOCK_ROWS)
+
+    def to_dense(self, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """The dense matrix from the blocks alone (independent of the CSR pattern)."""
+        n_rows, n_cols = shape
+        blocks = self.block_values(vals)
+        counts = (self.bptr[1:] - self.bptr[:-1]).long()
+        group = torch.repeat_interleave(torch.arange(counts.numel(), device=vals.device), counts)
+        dense = vals.new_zeros((counts.numel() * BLOCK_ROWS, n_cols))
+        for i in range(BLOCK_ROWS):
+            dense[group * BLOCK_ROWS + i, self.bcol.long()] = blocks[:, i]
+        return dense[:n_rows]
+
+    @staticmethod
+    def from_csr(pattern: CSRPattern) -> BlockedPattern:
+        n_rows, n_cols = pattern.shape
+        rows = pattern.rows()
+        col = pattern.col.long()
+        n_groups = (n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS
+        group = rows // BLOCK_ROWS
+        # One block per distinct (group, column), in group-major, column order.
+        key = group * max(n_cols, 1) + col
+        uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+        bgroup = uniq // max(n_cols, 1)
+        bptr = torch.zeros(n_groups + 1, dtype=torch.long, device=col.device)
+        bptr[1:] = torch.cumsum(torch.bincount(bgroup, minlength=n_groups), 0)
+        return BlockedPattern(
+            bptr=bptr.to(INDEX_DTYPE),
+            bcol=(uniq % max(n_cols, 1)).to(INDEX_DTYPE),
+            bslot=(inverse * BLOCK_ROWS + rows % BLOCK_ROWS).to(INDEX_DTYPE),
+        )
+
+
 # Layer layouts of the fused MLP program. A dense layer contributes one tensor
 # (its [n_out, n_in] matrix) to the op's flat ``weights`` list, a CSR layer six
-# (the five pattern tensors, then its values).
+# (the five pattern tensors, then its values), a blocked layer nine (the CSR six,
+# then bptr, bcol, bslot).
 LAYOUT_DENSE = 0
 LAYOUT_CSR = 1
-LAYOUT_NAMES = {LAYOUT_DENSE: "dense", LAYOUT_CSR: "csr"}
-_TENSORS_PER_LAYOUT = {LAYOUT_DENSE: 1, LAYOUT_CSR: 6}
+LAYOUT_BLOCKED = 2
+LAYOUT_NAMES = {LAYOUT_DENSE: "dense", LAYOUT_CSR: "csr", LAYOUT_BLOCKED: "blocked"}
+LAYOUT_CODES = {name: code for code, name in LAYOUT_NAMES.items()}
+_TENSORS_PER_LAYOUT = {LAYOUT_DENSE: 1, LAYOUT_CSR: 6, LAYOUT_BLOCKED: 9}
+
+Layer = torch.Tensor | tuple[CSRPattern, torch.Tensor] | tuple[CSRPattern, torch.Tensor,
+                                                                BlockedPattern]
 
 
-def split_weights(
-    weights: list[torch.Tensor], layouts: list[int]
-) -> list[torch.Tensor | tuple[CSRPattern, torch.Tensor]]:
-    """Per layer: the dense matrix, or (pattern, vals) for a CSR layer.
+def split_weights(weights: list[torch.Tensor], layouts: list[int]) -> list[Layer]:
+    """Per layer: the dense matrix, (pattern, vals) for CSR, (pattern, vals, blocks) blocked.
 
     Args:
         weights: the flat list the fused ops take (see ``LAYOUT_*``).
         layouts: one ``LAYOUT_*`` code per layer.
     """
-    out: list[torch.Tensor | tuple[CSRPattern, torch.Tensor]] = []
+    out: list[Layer] = []
     i = 0
     for layer, code in enumerate(layouts):
         if code not in _TENSORS_PER_LAYOUT:
@@ -167,12 +239,13 @@ def split_weights(
         chunk = weights[i : i + n]
         if len(chunk) != n:
             raise ValueError(f"weights list ends inside layer {layer} ({len(weights)} tensors)")
-        out.append(chunk[0] if code == LAYOUT_DENSE else (CSRPattern(*chunk[:5]), chunk[5]))
+        if code == LAYOUT_DENSE:
+            out.append(chunk[0])
+        elif code == LAYOUT_CSR:
+            out.append((CSRPattern(*chunk[:5]), chunk[5]))
+        else:
+            out.append((CSRPattern(*chunk[:5]), chunk[5], BlockedPattern(*chunk[6:])))
         i += n
     if i != len(weights):
         raise ValueError(f"weights list has {len(weights) - i} tensors beyond the last layer")
     return out
-
-
-def layer_out_features(layer: torch.Tensor | tuple[CSRPattern, torch.Tensor]) -> int:
-    return layer.shape[0] if isinstance(layer, torch.Tensor) else layer[0].shape[0]

@@ -36,7 +36,7 @@ from sparsekern.config import SparseConfig
 from sparsekern.cost import choose_layout
 from sparsekern.field import CompiledField
 from sparsekern.linear import CoreMatrix, KeptTensor
-from sparsekern.masks import CompileError, MaskedTensor, masked_tensor
+from sparsekern.masks import MaskedTensor, masked_tensor
 
 
 @dataclass
@@ -250,8 +250,6 @@ class FusedMLP(CompiledField):
                 core_mask = _state_mask(layer).index_select(0, p["rows"]).index_select(1, p["cols"])
                 layout = choose_layout(core_mask, 2 * config.batch_hint, dtype, backend,
                                        config.autotune)
-            elif config.layout == "blocked":
-                raise CompileError("layout='blocked' is not implemented yet")
             else:
                 layout = config.layout
             layers.append(FusedLayer(layer, p, prev_dead, layout))

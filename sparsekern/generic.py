@@ -115,8 +115,6 @@ class GenericField(CompiledField):
             core = weight.mask[weight.mask.any(1)][:, weight.mask.any(0)]
             layout = choose_layout(core, self.config.batch_hint, weight.value.dtype,
                                    self.backend, self.config.autotune)
-        elif layout == "blocked":
-            raise CompileError("layout='blocked' is not available on the generic tier yet")
         lin = SparseLinear(weight, bias, layout, self.backend)
         self.sparse[name] = lin
         return lin

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparsekern import ops
-from sparsekern.formats import LAYOUT_CSR, LAYOUT_DENSE, CSRPattern
+from sparsekern.formats import LAYOUT_CODES, BlockedPattern, CSRPattern
 from sparsekern.masks import CompileError, MaskedTensor
 
 
@@ -70,13 +70,13 @@ class CoreMatrix(nn.Module):
         rows, cols: int64 indices of the output rows computed and the input
             columns read (neuron reduction); entries outside them are not in
             the core.
-        layout: "dense" or "csr".
+        layout: "dense", "csr" or "blocked".
     """
 
     def __init__(self, weight: KeptTensor, rows: torch.Tensor, cols: torch.Tensor,
                  layout: str) -> None:
         super().__init__()
-        if layout not in ("dense", "csr"):
+        if layout not in LAYOUT_CODES:
             raise CompileError(f"{weight.name}: unknown layout {layout!r}")
         n_out, n_in = weight.shape
         self.layout = layout
@@ -110,13 +110,20 @@ class CoreMatrix(nn.Module):
             for name, t in zip(("rowptr", "col", "rowptr_t", "col_t", "perm"), p.tensors(),
                                strict=True):
                 self.register_buffer(name, t, persistent=False)
+            if layout == "blocked":
+                b = BlockedPattern.from_csr(p)
+                for name, t in zip(("bptr", "bcol", "bslot"), b.tensors(), strict=True):
+                    self.register_buffer(name, t, persistent=False)
 
     @property
     def code(self) -> int:
-        return LAYOUT_DENSE if self.layout == "dense" else LAYOUT_CSR
+        return LAYOUT_CODES[self.layout]
 
     def pattern_tensors(self) -> list[torch.Tensor]:
         return [self.rowptr, self.col, self.rowptr_t, self.col_t, self.perm]
+
+    def block_tensors(self) -> list[torch.Tensor]:
+        return [self.bptr, self.bcol, self.bslot]
 
     def core_values(self, values: torch.Tensor) -> torch.Tensor:
         """The core's entries [nnz_core] of a kept-values vector (differentiable)."""
@@ -134,12 +141,16 @@ class CoreMatrix(nn.Module):
         """This layer's entries in the fused op's flat ``weights`` list."""
         if self.layout == "dense":
             return [self.matrix(values)]
-        return [*self.pattern_tensors(), self.core_values(values)]
+        tensors = [*self.pattern_tensors(), self.core_values(values)]
+        return tensors + self.block_tensors() if self.layout == "blocked" else tensors
 
     def matmul(self, values: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
         """W_core x for feature-major x [n_cols, N] -> [n_rows, N], differentiable to any order."""
         if self.layout == "dense":
             return self.matrix(values) @ x
+        if self.layout == "blocked":
+            return ops.spmm_blocked(*self.pattern_tensors(), self.core_values(values),
+                                    *self.block_tensors(), x, backend)
         return ops.spmm(*self.pattern_tensors(), self.core_values(values), x, False, backend)
 
     def extra_repr(self) -> str:

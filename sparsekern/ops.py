@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sparsekern import ref
-from sparsekern.formats import LAYOUT_CSR, LAYOUT_DENSE, split_weights
+from sparsekern.formats import LAYOUT_BLOCKED, LAYOUT_CSR, LAYOUT_DENSE, split_weights
 
 BACKENDS = ("ref", "cpu", "triton", "cuda")
 
@@ -52,8 +52,8 @@ _LOADERS: dict[str, Callable[[], Any]] = {
     "triton": _triton,
     "cuda": _cuda,
 }
-_REF_NAMES = {"spmm": "spmm_ref", "sddmm": "sddmm_ref", "mlp_fwd": "mlp_fwd_ref",
-              "mlp_bwd": "mlp_bwd_ref"}
+_REF_NAMES = {"spmm": "spmm_ref", "spmm_blocked": "spmm_blocked_ref", "sddmm": "sddmm_ref",
+              "mlp_fwd": "mlp_fwd_ref", "mlp_bwd": "mlp_bwd_ref"}
 
 
 def _kernel(name: str, backend: str, device: torch.device) -> Callable[..., Any]:
@@ -121,6 +121,61 @@ def _spmm_backward(ctx, gy):
 
 
 torch.library.register_autograd("sparsekern::spmm", _spmm_backward, setup_context=_spmm_setup)
+
+
+# ------------------------------------------------------------------- spmm_blocked
+
+
+@torch.library.custom_op("sparsekern::spmm_blocked", mutates_args=())
+def spmm_blocked(
+    rowptr: Tensor,
+    col: Tensor,
+    rowptr_t: Tensor,
+    col_t: Tensor,
+    perm: Tensor,
+    vals: Tensor,
+    bptr: Tensor,
+    bcol: Tensor,
+    bslot: Tensor,
+    x: Tensor,
+    backend: str,
+) -> Tensor:
+    """W x for W [R, C] in the blocked layout (``formats.BlockedPattern``).
+
+    Args:
+        rowptr, col, rowptr_t, col_t, perm: the CSR pattern the blocks come from.
+        vals: [nnz] kept values (CSR order). bptr, bcol, bslot: the blocks.
+        x: [C, N] feature-major.
+
+    Returns:
+        [R, N]. Its backward runs on the CSR pattern (``spmm`` with the stored
+        transpose, ``sddmm``), so it is differentiable to any order.
+    """
+    fn = _kernel("spmm_blocked", backend, x.device)
+    return fn(rowptr, col, rowptr_t, col_t, perm, vals, bptr, bcol, bslot, x.contiguous())
+
+
+@spmm_blocked.register_fake
+def _spmm_blocked_fake(rowptr, col, rowptr_t, col_t, perm, vals, bptr, bcol, bslot, x, backend):
+    return x.new_empty((rowptr.shape[0] - 1, x.shape[1]))
+
+
+def _spmm_blocked_setup(ctx, inputs, output):
+    *pattern, vals, _, _, _, x, backend = inputs
+    ctx.save_for_backward(*pattern, vals, x)
+    ctx.backend = backend
+
+
+def _spmm_blocked_backward(ctx, gy):
+    *pattern, vals, x = ctx.saved_tensors
+    gy = gy.contiguous()
+    g_vals = sddmm(*pattern, gy, x, ctx.backend) if ctx.needs_input_grad[5] else None
+    g_x = spmm(*pattern, vals, gy, True, ctx.backend) if ctx.needs_input_grad[9] else None
+    return (None,) * 5 + (g_vals, None, None, None, g_x, None)
+
+
+torch.library.register_autograd("sparsekern::spmm_blocked", _spmm_blocked_backward,
+                                setup_context=_spmm_blocked_setup)
 
 
 # -------------------------------------------------------------------------- sddmm
@@ -257,7 +312,10 @@ def _mlp_backward(ctx, grad_f, grad_div, grad_saved):
                                  ctx.layouts, ctx.act, ctx.exact, saved, ctx.backend)
     grad_weights: list[Tensor | None] = []
     for code, g in zip(ctx.layouts, g_w, strict=True):
+        # Index tensors get no gradient: [W] dense, [5 x idx, vals] CSR, + [3 x idx] blocked.
         grad_weights += [g] if code == LAYOUT_DENSE else [None] * 5 + [g]
+        if code == LAYOUT_BLOCKED:
+            grad_weights += [None] * 3
     grad_scales = [g if s.numel() else None for g, s in zip(g_s, scales, strict=True)]
     return (g_x, None, None, grad_weights, grad_scales, list(g_h), None, None, None, None, None)
 
@@ -300,4 +358,5 @@ def _mlp_bwd_fake(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts, la
     return x0.new_empty(x0.shape), g_w, g_s, g_h
 
 
-__all__ = ["BACKENDS", "LAYOUT_CSR", "LAYOUT_DENSE", "mlp_bwd", "mlp_fwd", "sddmm", "spmm"]
+__all__ = ["BACKENDS", "LAYOUT_BLOCKED", "LAYOUT_CSR", "LAYOUT_DENSE", "mlp_bwd", "mlp_fwd",
+           "sddmm", "spmm", "spmm_blocked"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from sparsekern.activations import act_ref
-from sparsekern.formats import CSRPattern, split_weights
+from sparsekern.formats import BlockedPattern, CSRPattern, split_weights
 
 
 def spmm_ref(
@@ -41,6 +41,27 @@ def spmm_ref(
     return (w.t() if transpose else w) @ x
 
 
+def spmm_blocked_ref(
+    rowptr: torch.Tensor,
+    col: torch.Tensor,
+    rowptr_t: torch.Tensor,
+    col_t: torch.Tensor,
+    perm: torch.Tensor,
+    vals: torch.Tensor,
+    bptr: torch.Tensor,
+    bcol: torch.Tensor,
+    bslot: torch.Tensor,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """W x for W [R, C] in the blocked layout (``formats.BlockedPattern``).
+
+    Built from the blocks alone, not from the CSR pattern, so it checks the
+    layout as well as the product. x: [C, N]. Returns [R, N].
+    """
+    shape = CSRPattern(rowptr, col, rowptr_t, col_t, perm).shape
+    return BlockedPattern(bptr, bcol, bslot).to_dense(vals, shape) @ x
+
+
 def sddmm_ref(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> (
     torch.Tensor
 ):
@@ -57,7 +78,9 @@ def sddmm_ref(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch
 def _layer_matmul(layer, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     if isinstance(layer, torch.Tensor):
         return (layer.t() if transpose else layer) @ x
-    pattern, vals = layer
+    pattern, vals = layer[:2]
+    if len(layer) == 3 and not transpose:  # blocked: W x from the blocks; W^T g by CSR
+        return spmm_blocked_ref(*pattern.tensors(), vals, *layer[2].tensors(), x)
     return spmm_ref(*pattern.tensors(), vals, x, transpose)
 
 

@@ -24,7 +24,7 @@ from sparsekern import (
     compiled_fields,
     write_back,
 )
-from sparsekern.cost import choose_layout
+from sparsekern.cost import choose_layout, measure_layouts
 from sparsekern.field import call_arity
 from sparsekern.generic import detached_copy
 from sparsekern.linear import KeptTensor
@@ -117,7 +117,7 @@ def _check_field(net, fast, t, z, noise, dtype, factor=1.0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("time", ["none", "concat", "concatsquash"])
-@pytest.mark.parametrize("layout", ["dense", "csr"])
+@pytest.mark.parametrize("layout", ["dense", "csr", "blocked"])
 @pytest.mark.parametrize("density", DENSITIES)
 def test_fused_odenet_matches_dense_masked_model(dtype, time, layout, density):
     net = _pruned_odenet(3, (37, 59), time, "softplus", density, dtype, seed=1)
@@ -168,7 +168,7 @@ def _with_dead_and_unread_neurons(dtype):
     return net
 
 
-@pytest.mark.parametrize("layout", ["dense", "csr"])
+@pytest.mark.parametrize("layout", ["dense", "csr", "blocked"])
 def test_neuron_reduction_folds_constants_and_drops_unread(layout):
     dtype = torch.float64
     net = _with_dead_and_unread_neurons(dtype)
@@ -352,13 +352,14 @@ def test_generic_tier_second_derivatives_match_the_dense_model():
 
 
 @pytest.mark.parametrize("tier", ["auto", "generic"])
-def test_sequential_torchdyn_style_field(tier):
+@pytest.mark.parametrize("layout", ["auto", "blocked"])
+def test_sequential_torchdyn_style_field(tier, layout):
     dtype = torch.float64
     torch.manual_seed(15)
     net = nn.Sequential(nn.Linear(2, 59), nn.Tanh(), nn.Linear(59, 37), nn.Tanh(),
                         nn.Linear(37, 2)).to(dtype)
     _prune_linears(net, 0.9, seed=15)
-    fast = compile_sparse(net, SparseConfig(tier=tier))
+    fast = compile_sparse(net, SparseConfig(tier=tier, layout=layout))
     assert isinstance(fast, FusedMLP if tier == "auto" else GenericField)
     assert fast.arity == 1
     gen = torch.Generator().manual_seed(16)
@@ -525,7 +526,13 @@ def test_auto_layout_follows_density():
     assert choose_layout(random_mask(256, 256, 0.02, gen), 2048, torch.float32, "cpu") == "csr"
     assert choose_layout(torch.zeros(0, 5, dtype=torch.bool), 64, torch.float32, "cpu") == "dense"
     mid = choose_layout(random_mask(512, 512, 0.2, gen), 2048, torch.float32, "cpu")
-    assert mid in ("dense", "csr")
+    assert mid in ("dense", "csr", "blocked")
+    # The measurement is what decides in the middle: the winner is the fastest measured.
+    times = measure_layouts(random_mask(256, 256, 0.3, gen), 512, torch.float32, "cpu")
+    assert set(times) == {"dense", "csr", "blocked"} and min(times.values()) > 0
+    rule = choose_layout(random_mask(256, 256, 0.3, gen), 512, torch.float32, "cpu",
+                         measure=False)
+    assert rule == "dense"  # the deterministic rule: density >= RULE_DENSE_ABOVE
 
 
 def test_summary_lists_every_layer():

@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 
 from sparsekern import ops
 from sparsekern.activations import ACT_IDS, act_ref
-from sparsekern.formats import LAYOUT_CSR, LAYOUT_DENSE, CSRPattern, split_weights
+from sparsekern.formats import (
+    BLOCK_ROWS,
+    LAYOUT_BLOCKED,
+    LAYOUT_CSR,
+    LAYOUT_DENSE,
+    BlockedPattern,
+    CSRPattern,
+    split_weights,
+)
 from sparsekern.ref import mlp_bwd_ref, mlp_fwd_ref
 
 DTYPES = (torch.float32, torch.float64)
@@ -46,6 +54,28 @@ def test_csr_pattern_round_trips_any_mask(rows, cols, density, seed):
     pt = CSRPattern.from_mask(mask.t().contiguous())
     assert torch.equal(p.rowptr_t, pt.rowptr) and torch.equal(p.col_t, pt.col)
     assert torch.equal(pt.to_dense(vals[p.perm.long()]), dense.t())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(0, 30),
+    cols=st.integers(0, 30),
+    density=st.sampled_from(DENSITIES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_blocked_layout_holds_the_same_matrix(rows, cols, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=gen) < density
+    p = CSRPattern.from_mask(mask)
+    b = BlockedPattern.from_csr(p)
+    vals = torch.randn(p.nnz, generator=gen, dtype=torch.float64)
+    assert torch.equal(b.to_dense(vals, (rows, cols)), p.to_dense(vals))
+    groups = (rows + BLOCK_ROWS - 1) // BLOCK_ROWS
+    assert b.bptr.numel() == groups + 1 and int(b.bptr[-1]) == b.n_blocks
+    # One block per (row group, column) with a kept entry, no more.
+    expect = sum(int(mask[g * BLOCK_ROWS:(g + 1) * BLOCK_ROWS].any(0).sum()) for g in range(groups))
+    assert b.n_blocks == expect
+    assert torch.unique(b.bslot).numel() == p.nnz  # every kept value has its own slot
 
 
 def test_csr_validate_rejects_inconsistent_patterns():
@@ -97,6 +127,10 @@ def test_spmm_and_sddmm_match_dense_products(backend, dtype, density, shape, n):
     s = ops.sddmm(*p.tensors(), g, x, backend)
     assert s.shape == (p.nnz,)
     assert_close(s, (g.double() @ x.double().t())[mask], dtype, factor=10, what="sddmm")
+    b = BlockedPattern.from_csr(p)
+    yb = ops.spmm_blocked(*p.tensors(), vals, *b.tensors(), x, backend)
+    assert yb.shape == (shape[0], n) and yb.is_contiguous()
+    assert_close(yb, w @ x.double(), dtype, what="blocked W x")
 
 
 def test_cpu_spmm_of_an_empty_row_is_zero_and_reads_no_pruned_input():
@@ -126,6 +160,10 @@ def test_spmm_and_sddmm_are_differentiable_to_second_order(backend):
     fn = lambda a, b: ops.sddmm(*p.tensors(), a, b, backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (g, x))
     assert torch.autograd.gradgradcheck(fn, (g, x))
+    blocks = BlockedPattern.from_csr(p).tensors()
+    fn = lambda v, a: ops.spmm_blocked(*p.tensors(), v, *blocks, a, backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (vals, x))
+    assert torch.autograd.gradgradcheck(fn, (vals, x))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -136,6 +174,8 @@ def test_sparse_ops_pass_opcheck(backend):
     torch.library.opcheck(ops.spmm, (*p.tensors(), vals, x, False, backend))
     torch.library.opcheck(ops.spmm, (*p.tensors(), vals, g.requires_grad_(), True, backend))
     torch.library.opcheck(ops.sddmm, (*p.tensors(), g, x, backend))
+    blocks = BlockedPattern.from_csr(p).tensors()
+    torch.library.opcheck(ops.spmm_blocked, (*p.tensors(), vals, *blocks, x, backend))
 
 
 def test_cpu_backend_rejects_bad_inputs_with_clear_errors():
@@ -162,11 +202,13 @@ def _program(widths, density, dtype, layouts, scaled, seed=0):
         w = (torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) / n_in**0.5) * mask
         w = w.to(dtype)
         dense.append(w)
-        if layouts[i] == LAYOUT_CSR:
+        if layouts[i] == LAYOUT_DENSE:
+            weights.append(w)
+        else:
             p = CSRPattern.from_mask(mask)
             weights += [*p.tensors(), w[mask]]
-        else:
-            weights.append(w)
+            if layouts[i] == LAYOUT_BLOCKED:
+                weights += BlockedPattern.from_csr(p).tensors()
         s = (torch.rand(n_out, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
         scales.append(s if scaled and i % 2 == 0 else torch.empty(0, dtype=dtype))
         shifts.append(torch.randn(n_out, generator=gen, dtype=torch.float64).to(dtype))
@@ -268,12 +310,14 @@ FUSED_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-B{c[3]}-{c[4]}")
-@pytest.mark.parametrize("layout", ["dense", "csr", "mixed"])
+@pytest.mark.parametrize("layout", ["dense", "csr", "blocked", "mixed"])
 def test_cpu_fused_program_matches_reference(dtype, case, layout):
     widths, density, mode, b, act = case
     n = len(widths) - 1
+    cycle = (LAYOUT_DENSE, LAYOUT_CSR, LAYOUT_BLOCKED)
     layouts = {"dense": [LAYOUT_DENSE] * n, "csr": [LAYOUT_CSR] * n,
-               "mixed": [LAYOUT_CSR if i % 2 else LAYOUT_DENSE for i in range(n)]}[layout]
+               "blocked": [LAYOUT_BLOCKED] * n,
+               "mixed": [cycle[i % 3] for i in range(n)]}[layout]
     args = _fused_case(dtype, widths, density, mode, b, act, layouts)
     f, div, saved = ops.mlp_fwd(*args, True, "cpu")
     rf, rdiv, rsaved = ops.mlp_fwd(*args, True, "ref")
@@ -304,9 +348,9 @@ def test_cpu_fused_program_matches_reference(dtype, case, layout):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_program_gradcheck_and_opcheck(backend):
     dtype = torch.float64
-    layouts = [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_CSR]
+    layouts = [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_BLOCKED]
     x0, tan0, probe, weights, scales, shifts, layouts, act, exact = _fused_case(
-        dtype, (3, 5, 4, 3), 0.6, "hutchinson", 4, "tanh", layouts)
+        dtype, (3, 5, 6, 3), 0.6, "hutchinson", 4, "tanh", layouts)
     x0.requires_grad_()
     diff = [w for w in weights if w.is_floating_point()]
     for w in (*diff, *[s for s in scales if s.numel()], *shifts):

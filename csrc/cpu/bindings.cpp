@@ -7,6 +7,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sparsekern CPU kernels (feature-major CSR products and the fused MLP program)";
   m.def("spmm", &sparsekern::cpu::spmm, "W x or W^T x for CSR W");
   m.def("sddmm", &sparsekern::cpu::sddmm, "a b^T at the kept places");
+  m.def("spmm_blocked", &sparsekern::cpu::spmm_blocked, "W x for W in the blocked layout");
   m.def("mlp_fwd", &sparsekern::cpu::mlp_fwd, "fused MLP forward + JVP");
   m.def("mlp_bwd", &sparsekern::cpu::mlp_bwd, "reverse mode of mlp_fwd");
 }

@@ -13,10 +13,11 @@ namespace cpu {
 namespace {
 
 struct Layer {
-  std::vector<Tensor> tensors;  // [W] dense, or rowptr, col, rowptr_t, col_t, perm, vals
+  // [W] dense; rowptr, col, rowptr_t, col_t, perm, vals for CSR; + bptr, bcol, bslot blocked
+  std::vector<Tensor> tensors;
   int64_t n_out;
   int64_t n_in;
-  bool csr() const { return tensors.size() == 6; }
+  bool sparse() const { return tensors.size() >= 6; }  // the CSR pattern is there
 };
 
 std::vector<Layer> parse_layers(const std::vector<Tensor>& weights,
@@ -25,12 +26,12 @@ std::vector<Layer> parse_layers(const std::vector<Tensor>& weights,
   size_t i = 0;
   int64_t n_in = x0.size(0);
   for (size_t l = 0; l < layouts.size(); ++l) {
-    TORCH_CHECK(layouts[l] == 0 || layouts[l] == 1, "sparsekern: layer ", l,
+    TORCH_CHECK(layouts[l] >= 0 && layouts[l] <= 2, "sparsekern: layer ", l,
                 " has unknown layout code ", layouts[l]);
-    const size_t n = layouts[l] == 0 ? 1 : 6;
+    const size_t n = layouts[l] == 0 ? 1 : layouts[l] == 1 ? 6 : 9;
     TORCH_CHECK(i + n <= weights.size(), "sparsekern: weights list ends inside layer ", l);
     Layer layer{std::vector<Tensor>(weights.begin() + i, weights.begin() + i + n), 0, n_in};
-    const Tensor& w = layer.tensors.back();
+    const Tensor& w = layer.tensors[n == 1 ? 0 : 5];
     TORCH_CHECK(w.scalar_type() == x0.scalar_type() && w.device() == x0.device(),
                 "sparsekern: layer ", l, " weights are ", w.scalar_type(), " on ", w.device(),
                 ", the input is ", x0.scalar_type(), " on ", x0.device());
@@ -40,7 +41,8 @@ std::vector<Layer> parse_layers(const std::vector<Tensor>& weights,
                   " is a dense matrix of shape ", w.sizes(), ", expected [*, ", n_in, "]");
       layer.n_out = w.size(0);
     } else {
-      for (int t = 0; t < 5; ++t) {
+      for (size_t t = 0; t < n; ++t) {
+        if (t == 5) continue;  // the values
         TORCH_CHECK(layer.tensors[t].scalar_type() == at::kInt && layer.tensors[t].is_contiguous(),
                     "sparsekern: layer ", l, " CSR index ", t, " must be contiguous int32");
       }
@@ -304,7 +306,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
                              g_shift[li].data_ptr<scalar_t>(), layer.n_out, B, K, act, last);
     });
     // xbar now holds Mbar, the cotangent of M = W x_in.
-    if (layer.csr()) {
+    if (layer.sparse()) {
       g_w[li] = sddmm(layer.tensors[0], layer.tensors[1], xbar, x_in);
     } else {
       g_w[li] = at::mm(xbar, x_in.t());

@@ -107,6 +107,76 @@ void csr_matmul(const int32_t* rowptr, const int32_t* col, const int32_t* perm, 
   });
 }
 
+// y = W x for W in the blocked layout (sparsekern/formats.py BlockedPattern):
+// groups of kBlockRows rows share a column list, so each load of an input row
+// feeds kBlockRows accumulators, where CSR gets one FMA per load. bvals is the
+// zero-filled block storage [n_blocks, kBlockRows].
+constexpr int64_t kBlockRows = 4;
+
+template <typename T>
+void blocked_matmul(const int32_t* bptr, const int32_t* bcol, const T* bvals, const T* x,
+                    int64_t ldx, T* y, int64_t ldy, int64_t n_rows, int64_t n_in, int64_t N) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  constexpr int64_t RB = kBlockRows;
+  constexpr int64_t U = 2;  // 4 rows x 2 vectors = 8 accumulators, 2 input vectors in registers
+  constexpr int64_t TILE = U * V;
+  const int64_t n_groups = (n_rows + RB - 1) / RB;
+  if (n_groups == 0 || N == 0) return;
+  const int64_t panel = panel_width<T>(n_in, N, V);
+  const int64_t n_panels = (N + panel - 1) / panel;
+  const int64_t threads = at::get_num_threads();
+  const int64_t want_blocks = std::max<int64_t>(1, (4 * threads + n_panels - 1) / n_panels);
+  const auto bounds = balanced_row_blocks(bptr, n_groups, want_blocks);
+  const int64_t n_blocks = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, n_panels * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j0 = (task / n_blocks) * panel;
+      const int64_t j1 = std::min(N, j0 + panel);
+      const int64_t blk = task % n_blocks;
+      for (int64_t g = bounds[blk]; g < bounds[blk + 1]; ++g) {
+        const int64_t r0 = g * RB, nr = std::min(RB, n_rows - r0);
+        const int64_t b0 = bptr[g], b1 = bptr[g + 1];
+        int64_t j = j0;
+        for (; j + TILE <= j1; j += TILE) {
+          Vec acc[RB][U];
+          for (int64_t i = 0; i < RB; ++i)
+            for (int64_t u = 0; u < U; ++u) acc[i][u] = Vec(T(0));
+          for (int64_t b = b0; b < b1; ++b) {
+            const T* xr = x + static_cast<int64_t>(bcol[b]) * ldx + j;
+            Vec xv[U];
+            for (int64_t u = 0; u < U; ++u) xv[u] = Vec::loadu(xr + u * V);
+            const T* w = bvals + b * RB;
+            for (int64_t i = 0; i < RB; ++i) {
+              const Vec wi(w[i]);
+              for (int64_t u = 0; u < U; ++u) acc[i][u] = at::vec::fmadd(wi, xv[u], acc[i][u]);
+            }
+          }
+          for (int64_t i = 0; i < nr; ++i)
+            for (int64_t u = 0; u < U; ++u) acc[i][u].store(y + (r0 + i) * ldy + j + u * V);
+        }
+        for (; j < j1; j += V) {
+          const int64_t n = std::min<int64_t>(V, j1 - j);
+          Vec acc[RB];
+          for (int64_t i = 0; i < RB; ++i) acc[i] = Vec(T(0));
+          for (int64_t b = b0; b < b1; ++b) {
+            const Vec xv = Vec::loadu(x + static_cast<int64_t>(bcol[b]) * ldx + j, n);
+            for (int64_t i = 0; i < RB; ++i) acc[i] = at::vec::fmadd(Vec(bvals[b * RB + i]), xv, acc[i]);
+          }
+          for (int64_t i = 0; i < nr; ++i) acc[i].store(y + (r0 + i) * ldy + j, n);
+        }
+      }
+    }
+  });
+}
+
+// The zero-filled block storage of CSR values: bvals[bslot[k]] = vals[k].
+inline Tensor block_values(const Tensor& vals, const Tensor& bcol, const Tensor& bslot) {
+  Tensor bvals = at::zeros({bcol.numel() * kBlockRows}, vals.options());
+  bvals.index_put_({bslot.to(at::kLong)}, vals);
+  return bvals;
+}
+
 // y = W x for a dense W [n_rows, n_in] with a handful of inputs (a flow's first
 // layer reads the d state dimensions): BLAS spends most of its time packing
 // when K is tiny, a direct loop does not.
@@ -324,9 +394,12 @@ struct ActVec {
 Tensor spmm(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t, const Tensor& col_t,
             const Tensor& perm, const Tensor& vals, const Tensor& x, bool transpose);
 Tensor sddmm(const Tensor& rowptr, const Tensor& col, const Tensor& a, const Tensor& b);
+Tensor spmm_blocked(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t,
+                    const Tensor& col_t, const Tensor& perm, const Tensor& vals, const Tensor& bptr,
+                    const Tensor& bcol, const Tensor& bslot, const Tensor& x);
 
-// y = W x into y (a view with unit column stride) for a dense or CSR layer; x may
-// be a column slice of a larger matrix.
+// y = W x (or W^T x) into y (a view with unit column stride) for a dense, CSR or
+// blocked layer (1, 6 or 9 tensors); x may be a column slice of a larger matrix.
 void layer_matmul(const std::vector<Tensor>& layer, const Tensor& x, Tensor& y, bool transpose);
 
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_fwd(

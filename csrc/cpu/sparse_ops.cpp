@@ -78,6 +78,34 @@ Tensor sddmm(const Tensor& rowptr, const Tensor& col, const Tensor& a, const Ten
   return out;
 }
 
+Tensor spmm_blocked(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t,
+                    const Tensor& col_t, const Tensor& perm, const Tensor& vals, const Tensor& bptr,
+                    const Tensor& bcol, const Tensor& bslot, const Tensor& x) {
+  check_index(rowptr, "rowptr");
+  check_index(col, "col");
+  check_index(rowptr_t, "rowptr_t");
+  check_index(bptr, "bptr");
+  check_index(bcol, "bcol");
+  check_index(bslot, "bslot");
+  check_dense(vals, "vals", x.scalar_type());
+  check_dense(x, "x", x.scalar_type());
+  const int64_t n_rows = rowptr.numel() - 1, n_cols = rowptr_t.numel() - 1;
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == n_cols, "sparsekern::spmm_blocked: x must be [",
+              n_cols, ", N], got ", x.sizes());
+  TORCH_CHECK(bptr.numel() - 1 == (n_rows + kBlockRows - 1) / kBlockRows &&
+                  bslot.numel() == vals.numel(),
+              "sparsekern::spmm_blocked: the blocks do not match the pattern");
+  const Tensor xc = x.contiguous();
+  const Tensor bvals = block_values(vals.contiguous(), bcol, bslot);
+  Tensor y = at::empty({n_rows, x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_spmm_blocked", [&] {
+    blocked_matmul<scalar_t>(bptr.data_ptr<int32_t>(), bcol.data_ptr<int32_t>(),
+                             bvals.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), xc.size(1),
+                             y.data_ptr<scalar_t>(), y.size(1), n_rows, n_cols, x.size(1));
+  });
+  return y;
+}
+
 void layer_matmul(const std::vector<Tensor>& layer, const Tensor& x, Tensor& y, bool transpose) {
   TORCH_INTERNAL_ASSERT(x.stride(1) == 1 && y.stride(1) == 1);
   if (layer.size() == 1) {
@@ -96,6 +124,15 @@ void layer_matmul(const std::vector<Tensor>& layer, const Tensor& x, Tensor& y, 
   const Tensor &rowptr = layer[0], &col = layer[1], &rowptr_t = layer[2], &col_t = layer[3],
                &perm = layer[4], &vals = layer[5];
   const int64_t n_rows = rowptr.numel() - 1, n_cols = rowptr_t.numel() - 1;
+  if (layer.size() == 9 && !transpose) {
+    const Tensor bvals = block_values(vals, layer[7], layer[8]);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_layer_blocked", [&] {
+      blocked_matmul<scalar_t>(layer[6].data_ptr<int32_t>(), layer[7].data_ptr<int32_t>(),
+                               bvals.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), x.stride(0),
+                               y.data_ptr<scalar_t>(), y.stride(0), n_rows, n_cols, x.size(1));
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_layer_matmul", [&] {
     if (transpose) {
       csr_matmul<scalar_t>(rowptr_t.data_ptr<int32_t>(), col_t.data_ptr<int32_t>(),

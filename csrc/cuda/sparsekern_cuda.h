@@ -1,0 +1,118 @@
+/* C ABI of the sparse engine's CUDA kernels (the .cu files beside this header).
+ *
+ * Plain C types only (raw device pointers, sizes, a cudaStream_t passed as
+ * void*), so the kernels build with nvcc alone (CMakeLists.txt) and any caller
+ * can use them; csrc/cuda/binding.cpp wraps them for torch. Semantics of every
+ * function: sparsekern/ref.py. Layout is feature-major: a batch of N vectors of
+ * width n is an [n, N] row-major matrix with leading dimension ld >= N.
+ *
+ * Every function returns 0 on success, SK_ERR_UNSUPPORTED when the request is
+ * outside what the kernel handles (the caller falls back), or a cudaError_t
+ * code from the launch (sk_error_string names it). Launches are asynchronous on
+ * `stream`.
+ */
+#ifndef SPARSEKERN_CUDA_H_
+#define SPARSEKERN_CUDA_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SK_ERR_UNSUPPORTED (-1)
+/* Most layers the fused MLP kernel takes, and its widest layer. */
+#define SK_MAX_LAYERS 16
+#define SK_FUSED_MAX_WIDTH 256
+
+const char* sk_error_string(int code);
+
+/* y[r, 0:N] = sum_{k in rowptr[r]..rowptr[r+1]} vals[p(k)] * x[col[k], 0:N], with
+ * p(k) = vperm[k] (the stored transpose reads W's values in place) or k when
+ * vperm is NULL. row_order (optional, [n_rows]) is the order rows are handed to
+ * warps: rows sorted by nnz, longest first, balance the load; NULL is 0..n-1.
+ * Uses 16-byte vector loads when N, ldx, ldy and the pointers allow it. */
+int sk_csr_spmm_f32(const int32_t* rowptr, const int32_t* col, const int32_t* vperm,
+                    const int32_t* row_order, const float* vals, const float* x, int64_t ldx,
+                    float* y, int64_t ldy, int64_t n_rows, int64_t N, void* stream);
+int sk_csr_spmm_f64(const int32_t* rowptr, const int32_t* col, const int32_t* vperm,
+                    const int32_t* row_order, const double* vals, const double* x, int64_t ldx,
+                    double* y, int64_t ldy, int64_t n_rows, int64_t N, void* stream);
+
+/* out[k] = <a[row_k, 0:N], b[col_k, 0:N]> for every kept entry k (the weight
+ * gradient of W x at the kept places). */
+int sk_csr_sddmm_f32(const int32_t* rowptr, const int32_t* col, const int32_t* row_order,
+                     const float* a, int64_t lda, const float* b, int64_t ldb, float* out,
+                     int64_t n_rows, int64_t N, void* stream);
+int sk_csr_sddmm_f64(const int32_t* rowptr, const int32_t* col, const int32_t* row_order,
+                     const double* a, int64_t lda, const double* b, int64_t ldb, double* out,
+                     int64_t n_rows, int64_t N, void* stream);
+
+/* Per-layer epilogues of the fused MLP program (sparsekern/ref.py, mlp_fwd_ref).
+ * Activation matrices are [n, (1 + K) B] with columns [h | v_1 | ... | v_K];
+ * scale may be NULL (no gate); act is an id of sparsekern/activations.py.
+ *
+ * Hidden layer: x = [sigma(a) | sigma'(a) * u], a = scale * m_h + shift,
+ * u = scale * m_v. x may equal m. */
+int sk_mlp_epilogue_fwd_f32(const float* m, float* x, const float* scale, const float* shift,
+                            int64_t n, int64_t B, int64_t K, int act, void* stream);
+int sk_mlp_epilogue_fwd_f64(const double* m, double* x, const double* scale, const double* shift,
+                            int64_t n, int64_t B, int64_t K, int act, void* stream);
+
+/* Last layer: f = scale * m_h + shift ([d, B]) and div[b] = sum_k <probe_k[:, b],
+ * scale * m_{v_k}[:, b]> (probe [K, d, B]; with exact, the unit probes: the trace). */
+int sk_mlp_head_fwd_f32(const float* m, float* f, float* div, const float* probe,
+                        const float* scale, const float* shift, int64_t d, int64_t B, int64_t K,
+                        int exact, void* stream);
+int sk_mlp_head_fwd_f64(const double* m, double* f, double* div, const double* probe,
+                        const double* scale, const double* shift, int64_t d, int64_t B, int64_t K,
+                        int exact, void* stream);
+
+/* Reverse of one layer's epilogue (mlp_bwd_ref): from the saved m and the
+ * cotangent of the layer output (xbar; on the last layer grad_f [d, B] and
+ * grad_div [B] with probe instead), writes mbar = scale * G ([n, (1+K) B]; may
+ * equal xbar) and per row g_shift = sum G_h, g_scale = sum G * m (g_scale may be
+ * NULL). One block per row: deterministic sums. */
+int sk_mlp_epilogue_bwd_f32(const float* m, const float* xbar, const float* grad_f,
+                            const float* grad_div, const float* probe, float* mbar,
+                            const float* scale, const float* shift, float* g_scale,
+                            float* g_shift, int64_t n, int64_t B, int64_t K, int act, int last,
+                            int exact, void* stream);
+int sk_mlp_epilogue_bwd_f64(const double* m, const double* xbar, const double* grad_f,
+                            const double* grad_div, const double* probe, double* mbar,
+                            const double* scale, const double* shift, double* g_scale,
+                            double* g_shift, int64_t n, int64_t B, int64_t K, int act, int last,
+                            int exact, void* stream);
+
+/* A dense MLP for the fused kernel: layer l maps widths[l] to widths[l+1]
+ * features with weight[l] ([widths[l+1], widths[l]] row-major), an optional
+ * scale[l] and shift[l] ([widths[l+1]]). m_out/x_out, when not NULL, receive
+ * the saved M_l and X_l (l < n_layers - 1) as [widths[l+1], (1+K) B]. */
+typedef struct sk_mlp_program {
+  int32_t n_layers;
+  int32_t widths[SK_MAX_LAYERS + 1];
+  const void* weight[SK_MAX_LAYERS];
+  const void* scale[SK_MAX_LAYERS];
+  const void* shift[SK_MAX_LAYERS];
+  void* m_out[SK_MAX_LAYERS];
+  void* x_out[SK_MAX_LAYERS];
+} sk_mlp_program;
+
+/* The whole forward + JVP program in one launch: f [d, B], div [B] from
+ * x0s = [x0 | tan0_1 | ... | tan0_K] ([n0, (1+K) B]). Each block keeps its batch
+ * columns' activations and a chunk of the current layer's weights in shared
+ * memory. SK_ERR_UNSUPPORTED when a width exceeds SK_FUSED_MAX_WIDTH, there are
+ * more than SK_MAX_LAYERS layers, or the activations do not fit the device's
+ * shared memory. */
+int sk_fused_mlp_fwd_f32(const sk_mlp_program* prog, const float* x0s, const float* probe,
+                         float* f, float* div, int64_t B, int64_t K, int act, int exact,
+                         void* stream);
+int sk_fused_mlp_fwd_f64(const sk_mlp_program* prog, const double* x0s, const double* probe,
+                         double* f, double* div, int64_t B, int64_t K, int act, int exact,
+                         void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SPARSEKERN_CUDA_H_ */

@@ -1,0 +1,133 @@
+"""The Triton backend of the op registry (``sparsekern.ops``, backend="triton").
+
+The four entry points have the signatures of their references in
+``sparsekern.ref`` (without the ``_ref`` suffix), plus a keyword-only
+``allow_tf32`` (default False: fp32 products are exact IEEE, as adaptive
+solvers need). Kernels live in ``k_spmm`` (CSR x dense), ``k_sddmm`` (weight
+gradient at the kept places) and ``k_fused_mlp`` (the fused forward + JVP
+program and its backward; a general per-layer path for CSR or wide layers).
+They run compiled on CUDA tensors; on CPU tensors only under Triton's
+interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is
+how the CPU test suite checks them against the references.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["aot_compile", "aot_variants", "available", "mlp_bwd", "mlp_fwd", "sddmm", "spmm"]
+
+
+def available() -> bool:
+    """Whether the Triton kernels can run here: triton imports, and CUDA or the interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def spmm(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor, col_t: torch.Tensor,
+         perm: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """W x (W^T x with ``transpose``) for W [R, C] in CSR: ``sparsekern.ref.spmm_ref``.
+
+    Args:
+        rowptr, col, rowptr_t, col_t, perm: int32 index tensors of the pattern.
+        vals: [nnz] kept values. x: [C, N] ([R, N] if transpose), feature-major.
+
+    Returns:
+        A fresh contiguous [R, N] ([C, N]) tensor.
+    """
+    from sparsekern.triton import k_spmm
+
+    return k_spmm.spmm(rowptr, col, rowptr_t, col_t, perm, vals, x, transpose)
+
+
+def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+          ) -> torch.Tensor:
+    """(a b^T) at the kept places: ``sparsekern.ref.sddmm_ref``. a [R, N], b [C, N] -> [nnz]."""
+    from sparsekern.triton import k_sddmm
+
+    return k_sddmm.sddmm(rowptr, col, a, b)
+
+
+def mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
+            weights: list[torch.Tensor], scales: list[torch.Tensor], shifts: list[torch.Tensor],
+            layouts: list[int], act: int, exact: bool, save: bool, *, allow_tf32: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The fused forward + JVP program: ``sparsekern.ref.mlp_fwd_ref``.
+
+    Dense programs whose widths are all <= 256 run as one fused launch; others
+    (CSR layers, wider layers) per layer. Returns f [d, B], div [B] and, with
+    ``save``, [M_1..M_L, X_1..X_{L-1}] (each [n_l, (1 + K) B]).
+    """
+    from sparsekern.triton import k_fused_mlp
+
+    return k_fused_mlp.mlp_fwd(x0, tan0, probe, weights, scales, shifts, layouts, act, exact,
+                               save, allow_tf32=allow_tf32)
+
+
+def mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tensor, tan0: torch.Tensor,
+            probe: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
+            shifts: list[torch.Tensor], layouts: list[int], act: int, exact: bool,
+            saved: list[torch.Tensor], *, allow_tf32: bool = False
+            ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Reverse mode of ``mlp_fwd``: ``sparsekern.ref.mlp_bwd_ref``.
+
+    Returns grad_x0 [n0, B], and per layer the weight gradient ([n_l, n_{l-1}],
+    or [nnz] for CSR), the scale gradient (empty where there is no scale) and
+    the shift gradient [n_l].
+    """
+    from sparsekern.triton import k_fused_mlp
+
+    return k_fused_mlp.mlp_bwd(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts,
+                               layouts, act, exact, saved, allow_tf32=allow_tf32)
+
+
+def aot_variants(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+                 acts: tuple[int, ...] | None = None) -> list[tuple[object, dict, dict]]:
+    """(kernel, signature, constexprs) of every Triton kernel as the wrappers launch it.
+
+    Args:
+        dtypes: element types to build each kernel for.
+        acts: activation ids for the activation-dependent kernels (default: tanh).
+    """
+    from sparsekern.activations import ACT_IDS
+    from sparsekern.triton import k_fused_mlp, k_sddmm, k_spmm
+
+    acts = (ACT_IDS["tanh"],) if acts is None else acts
+    return [v for dtype in dtypes for v in (*k_spmm.aot_variants(dtype),
+                                            *k_sddmm.aot_variants(dtype),
+                                            *k_fused_mlp.aot_variants(dtype, acts))]
+
+
+def aot_compile(arch: int, variants: list[tuple[object, dict, dict]] | None = None
+                ) -> dict[str, object]:
+    """Compile Triton kernels ahead of time for ``sm_<arch>``; no GPU or driver is needed.
+
+    Args:
+        arch: compute capability as an int (80: A100, 90: H100).
+        variants: what to compile (default ``aot_variants()``: every kernel in
+            float32 and float64).
+
+    Returns:
+        {"<kernel>[<dtype>, <constexprs>]": CompiledKernel}; each has ``asm``
+        with "ttgir", "ptx" and "cubin" (Triton's bundled ptxas assembles it).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("aot_compile needs compiled kernels; unset TRITON_INTERPRET")
+    target = GPUTarget("cuda", arch, 32)
+    out: dict[str, object] = {}
+    for kernel, signature, constexprs in aot_variants() if variants is None else variants:
+        src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        dtype = next(t for t in signature.values() if t.startswith("*f"))[1:]
+        key = f"{kernel.__name__}[{dtype}, {constexprs}]"
+        # Fp fusion on (Triton's default), said explicitly: Triton 3.9 warns when implied.
+        out[key] = triton.compile(src, target=target,
+                                  options={"enable_fp_fusion": True, "num_warps": 4})
+    return out

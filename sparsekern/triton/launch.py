@@ -1,0 +1,98 @@
+"""How the Triton kernels are launched: device rules, dtypes, exact fp32.
+
+Triton kernels run on CUDA tensors, compiled; on CPU tensors only through
+Triton's interpreter, which is chosen when ``@triton.jit`` runs, i.e. when
+``TRITON_INTERPRET=1`` is set before triton is first imported (the CPU tests
+run in a subprocess with it set). ``check_device`` turns any other case into a
+clear error instead of a crash inside the launcher.
+
+Also here: the dtype map and checks shared by the wrappers, and the exact-fp32
+rule for the dense products the general path leaves to cuBLAS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import triton.language as tl
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+AOT_DTYPES = {torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def interpreting() -> bool:
+    """Whether triton.jit builds interpreted kernels in this process."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_device(t: torch.Tensor) -> None:
+    """Raise unless Triton kernels can run on ``t``'s device in this process."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreting():
+        return
+    raise RuntimeError(
+        f"sparsekern triton backend: kernels run on CUDA tensors (got {t.device}); CPU tensors "
+        "need TRITON_INTERPRET=1 set before triton is imported"
+    )
+
+
+def check_float(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Raise a clear error unless ``t`` is float32/float64 (and ``dtype`` when given)."""
+    if t.dtype not in TL_DTYPES:
+        raise TypeError(f"sparsekern triton backend supports float32 and float64; {name} is "
+                        f"{t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"sparsekern triton backend: {name} is {t.dtype}, expected {dtype}")
+
+
+def check_index(name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.int32 or t.dim() != 1:
+        raise TypeError(f"sparsekern triton backend: CSR {name} must be a 1-D int32 tensor, got "
+                        f"{t.dtype} of shape {list(t.shape)}")
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot``'s input_precision: IEEE fp32 products unless TF32 was asked for.
+
+    The spelling ``input_precision="ieee"`` is accepted by Triton 3.0 through 3.9
+    (``allow_tf32=`` is deprecated); it is ignored for float64.
+    """
+    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
+
+
+@contextlib.contextmanager
+def cublas_fp32(device: torch.device, allow_tf32: bool) -> Iterator[None]:
+    """Run torch.matmul on ``device`` with TF32 exactly as requested (default off).
+
+    Adaptive ODE solvers need the exact fp32 products; torch's global flag might
+    have been switched on by user code, so it is set for the duration and restored.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    if before == allow_tf32:
+        yield
+        return
+    matmul.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before
+
+
+def next_pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """The smallest power of two >= n, clamped to [lo, hi]."""
+    p = 1 << max(int(n) - 1, 0).bit_length()
+    p = max(p, lo)
+    return p if hi is None else min(p, hi)
+
+
+def search_iters(n: int) -> int:
+    """Iterations of a fixed-length binary search over n + 1 candidates."""
+    return max(int(n), 1).bit_length() + 1
