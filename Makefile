@@ -8,6 +8,7 @@ PYTHON ?= python3
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m sparsekern.backends.cpu  # build (or load the cached) C++ CPU kernels
 
 demo: install
 	$(PYTHON) -m flows demo --out runs/demo

@@ -1,8 +1,12 @@
 """Install the Sparse Flows packages: flows (the method), sparsekern (the engine), bench.
 
-Metadata lives here rather than in pyproject.toml's [project] table because the
-engine's C++/CUDA extensions are declared here as well (ext_modules), and one
-place for both keeps them in step.
+Metadata lives here rather than in pyproject.toml's [project] table, next to
+what the engine needs to build its kernels. The C++ (csrc/cpu) and CUDA
+(csrc/cuda) extensions are not ext_modules: building them at install time would
+make pip pull torch into an isolated build environment (a CUDA build of several
+GB on a CPU machine). They are compiled with ninja on first use against the
+torch that is installed, and cached (sparsekern/backends/cpu.py); ``make
+install`` triggers that build once, so tests and the demo start without it.
 """
 
 from setuptools import find_packages, setup
@@ -15,6 +19,7 @@ RUNTIME = [
     "matplotlib",
     "scikit-learn",
     "pyyaml",
+    "ninja",  # builds the C++ CPU kernels of sparsekern on first use
 ]
 TABULAR = ["pandas", "h5py"]
 TRITON = ["triton"]

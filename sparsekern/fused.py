@@ -359,7 +359,7 @@ class FusedMLP(CompiledField):
 
     def summary(self) -> str:
         lines = [f"FusedMLP ({self.act}, {len(self.layers)} layers, "
-                 f"backend {self.config.backend})",
+                 f"backend {self.backend})",
                  "| layer | time | layout | shape | core | kept | density | dead folded |",
                  "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
         for layer in self.layers:
