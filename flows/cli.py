@@ -1,4 +1,4 @@
-"""The ``sparseflow`` command line: train, prune, eval, sample, report, analyze, demo."""
+"""The ``sparseflow`` command line: train, prune, eval, sample, report, analyze, demo, bench."""
 
 from __future__ import annotations
 
@@ -372,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    from bench.cli import add_arguments as add_bench_arguments
+
+    add_bench_arguments(
+        sub.add_parser("bench", help="benchmark suite: engine against peers (bench/README.md)")
+    )
     return parser
 
 
@@ -390,6 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_analyze(args)
         elif args.command == "demo":
             cmd_demo(args)
+        elif args.command == "bench":
+            from bench.cli import run as run_bench
+
+            return run_bench(args, ["sparseflow", *(sys.argv[1:] if argv is None else argv)])
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"sparseflow {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,248 @@
+"""The benchmark loop: cases x providers x metrics -> rows (``bench.schema``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from bench.cases import Case, build_field, kept_weights
+from bench.metrics import (
+    METRICS,
+    RUNNERS,
+    Inputs,
+    Result,
+    flops,
+    make_inputs,
+    rel_err,
+    roofline,
+    run_solve,
+)
+from bench.providers import Prepared, Provider
+from bench.schema import empty_row
+from bench.timing import TimingConfig
+
+
+@dataclass
+class Settings:
+    """Options of a run that are not the selection of cases and providers.
+
+    Attributes:
+        metrics: subset of ``bench.metrics.METRICS``, in run order.
+        timing: budget and repeats of each measurement.
+        dtype, device: of models and inputs.
+        seed: of models, inputs and the solve's noise.
+        masks: "random" or "magnitude" (unstructured cases; ``bench.cases``).
+        batch: overrides every case's batch (None: the shape's).
+        solve_batch: caps the batch of the solve metric (None: the case's batch).
+        solve_blocks: caps the number of CNF blocks in the solve (None: all).
+    """
+
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    masks: str = "random"
+    batch: int | None = None
+    solve_batch: int | None = None
+    solve_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+
+
+def _error(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0] if msg else ''}"[:500]
+
+
+def _base_row(case: Case, provider: str, metric: str, batch: int, settings: Settings,
+              kept: int, roof: float | None) -> dict[str, object]:
+    shape = case.shape
+    row = empty_row()
+    row.update(
+        case=case.name, shape=shape.name, shape_label=shape.label, structure=case.structure,
+        density=case.density, kept_weights=kept, dense_weights=shape.dense_weights,
+        kept_fraction=kept / shape.dense_weights, provider=provider, metric=metric,
+        batch=batch, dtype=str(settings.dtype).removeprefix("torch."),
+        device=str(settings.device), threads=torch.get_num_threads(), roofline_gflops=roof,
+        masks=settings.masks if case.structure == "unstructured" and case.density < 1 else None,
+    )
+    if metric == "solve":
+        row.update(atol=shape.atol, rtol=shape.rtol)
+    return row
+
+
+def _fill(row: dict[str, object], result: Result, n_flops: int) -> None:
+    t = result.timing
+    row.update(median_ms=t.median_ms, p10_ms=t.p10_ms, p90_ms=t.p90_ms, repeats=t.repeats,
+               inner=t.inner, first_ms=t.first_ms, flops=n_flops)
+    row["gflops"] = n_flops / (t.median_ms * 1e-3) / 1e9 if t.median_ms > 0 else None
+    if row["gflops"] is not None and row["roofline_gflops"]:
+        row["roofline_fraction"] = row["gflops"] / row["roofline_gflops"]
+    if result.nfe is not None:
+        row.update(nfe=result.nfe, per_nfe_ms=t.median_ms / max(result.nfe, 1),
+                   model_ms=result.model_ms, solver_ms=result.solver_ms)
+
+
+def _speedups(rows: list[dict[str, object]]) -> None:
+    base = {(r["case"], r["metric"]): r["median_ms"] for r in rows
+            if r["provider"] == "dense_eager" and r["median_ms"]}
+    for r in rows:
+        b = base.get((r["case"], r["metric"]))
+        if b and r["median_ms"] and r["metric"] != "roofline":
+            r["speedup"] = b / r["median_ms"]
+
+
+class CaseRunner:
+    """Runs every selected provider and metric on one case."""
+
+    def __init__(self, case: Case, providers: list[Provider], settings: Settings,
+                 bar: tqdm) -> None:
+        self.case = case
+        self.providers = providers
+        self.settings = settings
+        self.bar = bar
+        shape = case.shape
+        self.batch = settings.batch or shape.batch
+        self.solve_batch = min(self.batch, settings.solve_batch or self.batch)
+        n_blocks = shape.blocks if "solve" in settings.metrics else 1
+        if settings.solve_blocks:
+            n_blocks = min(n_blocks, settings.solve_blocks)
+        self.nets = [build_field(case, dtype=settings.dtype, device=settings.device,
+                                 seed=settings.seed, block=b, masks=settings.masks)
+                     for b in range(n_blocks)]
+        self.kept = [kept_weights(n) for n in self.nets]
+        self.inputs: Inputs = make_inputs(shape.dim, self.batch, self.solve_batch, shape.T,
+                                          settings.dtype, settings.device, settings.seed)
+        self.reference: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def roofline_row(self) -> dict[str, object]:
+        s = self.settings
+        row = _base_row(self.case, "torch.mm", "roofline", self.batch, s, self.kept[0], None)
+        try:
+            timing, rate = roofline(self.case.shape.layer_shapes, self.batch, s.dtype, s.device,
+                                    s.timing)
+        except Exception as exc:
+            row["error"] = _error(exc)
+            return row
+        row.update(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
+                   repeats=timing.repeats, inner=timing.inner, first_ms=timing.first_ms,
+                   flops=2 * self.batch * self.case.shape.dense_weights, gflops=rate,
+                   roofline_gflops=rate, roofline_fraction=1.0)
+        return row
+
+    def _solve_roofline(self, roof: float | None) -> float | None:
+        """The dense GEMM rate at the solve's batch (the case's roofline if they agree)."""
+        if self.solve_batch == self.batch or "solve" not in self.settings.metrics:
+            return roof
+        s = self.settings
+        try:
+            return roofline(self.case.shape.layer_shapes, self.solve_batch, s.dtype, s.device,
+                            s.timing)[1]
+        except Exception:
+            return None
+
+    def run(self) -> list[dict[str, object]]:
+        roof_row = self.roofline_row()
+        rows = [roof_row]
+        roof = roof_row["gflops"]
+        roof_solve = self._solve_roofline(roof)
+        for provider in self.providers:
+            prepared: Prepared | None = None
+            prep_error = None
+            try:
+                # Always, even for the solve alone: it also starts the provider's case.
+                prepared = provider.prepare(self.nets[0], self.batch)
+            except Exception as exc:
+                prep_error = _error(exc)
+            for metric in self.settings.metrics:
+                self.bar.set_postfix_str(f"{provider.name} {metric}", refresh=False)
+                batch = self.solve_batch if metric == "solve" else self.batch
+                row = _base_row(self.case, provider.name, metric, batch, self.settings,
+                                self.kept[0], roof_solve if metric == "solve" else roof)
+                if prepared is not None:
+                    row["div_impl"] = prepared.div_impl.get(metric)
+                    row["backend"] = prepared.info.get("backend")
+                    row["layouts"] = prepared.info.get("layouts")
+                if prep_error is not None and metric != "solve":
+                    row["error"] = prep_error
+                else:
+                    try:
+                        self._measure(provider, prepared, metric, row)
+                    except Exception as exc:
+                        row["error"] = _error(exc)
+                rows.append(row)
+                self.bar.update(1)
+        _speedups(rows)
+        return rows
+
+    def _measure(self, provider: Provider, prepared: Prepared | None, metric: str,
+                 row: dict[str, object]) -> None:
+        s = self.settings
+        if metric == "solve":
+            flow = provider.prepare_flow(self.case.shape, self.nets, self.solve_batch)
+            result = run_solve(flow, self.inputs, s.timing, s.device)
+            n_flops = flops("solve", self.kept[0], self.solve_batch, result.nfe_per_block,
+                            self.kept)
+        else:
+            if prepared is None:
+                raise RuntimeError("provider was not prepared")
+            result = RUNNERS[metric](prepared.field, self.inputs, s.timing, s.device)
+            n_flops = flops(metric, self.kept[0], self.batch)
+        _fill(row, result, n_flops)
+        if provider.name == "dense_eager":
+            self.reference[metric] = result.outputs
+        elif metric in self.reference:
+            row["rel_err"] = rel_err(result.outputs, self.reference[metric])
+
+
+def run_benchmark(
+    cases: list[Case],
+    providers: list[Provider],
+    settings: Settings,
+    progress: bool = True,
+    on_case: Callable[[list[dict[str, object]]], None] | None = None,
+) -> list[dict[str, object]]:
+    """Measure every metric of every provider on every case.
+
+    Args:
+        cases: what to measure (``bench.cases``).
+        providers: available providers, dense_eager first if present (it gives
+            the reference outputs and the speedups' baseline).
+        settings: metrics, timing, dtype, device, ...
+        progress: show a tqdm bar (stderr).
+        on_case: called with all rows so far after each case (to save partial results).
+
+    Returns:
+        Rows with the fields of ``bench.schema.ROW_FIELDS``: one roofline row per
+        case, then one per (provider, metric). A failure is a row with ``error``
+        set and no times, never an exception.
+    """
+    rows: list[dict[str, object]] = []
+    total = len(cases) * len(providers) * len(settings.metrics)
+    with tqdm(total=total, disable=not progress, unit="meas", dynamic_ncols=True) as bar:
+        for case in cases:
+            bar.set_description(case.name)
+            t0 = time.perf_counter()
+            try:
+                runner = CaseRunner(case, providers, settings, bar)
+            except Exception as exc:
+                row = _base_row(case, "-", "build", settings.batch or case.shape.batch,
+                                settings, 0, None)
+                row["error"] = _error(exc)
+                rows.append(row)
+                bar.update(len(providers) * len(settings.metrics))
+                continue
+            rows += runner.run()
+            if progress:
+                bar.write(f"{case.name}: {time.perf_counter() - t0:.1f} s")
+            if on_case is not None:
+                on_case(rows)
+    return rows

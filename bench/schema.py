@@ -1,0 +1,82 @@
+"""The results.json schema: one row per (case, provider, metric), plus a "meta" object.
+
+results.json is ``{"schema": SCHEMA_VERSION, "meta": {...}, "rows": [...]}``.
+Every row carries the fields of ``ROW_FIELDS`` (null where a field does not
+apply), so a row stands alone: it names its machine-independent setup (batch,
+dtype, device, threads) as well as its numbers. ``meta`` holds what is common
+to the run (machine, versions, options, duration); see ``META_FIELDS``.
+bench/README.md reproduces both tables.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+ROW_FIELDS: dict[str, str] = {
+    "case": 'case name "<shape>/<structure>/<density>", e.g. "miniboone/unstructured/0.1"',
+    "shape": 'model shape name ("toy", "power", "gas", "hepmass", "miniboone", "bsds300")',
+    "shape_label": 'widths, activation, time input and blocks, e.g. "43-860x2-43 softplus '
+                   'concatsquash x1"',
+    "structure": '"unstructured" (weights) or "structured" (neurons)',
+    "density": "unstructured: kept fraction of the prunable weights; structured: kept fraction "
+               "of the neurons of every hidden layer",
+    "kept_fraction": "kept fraction of the prunable weights of one vector field (as measured)",
+    "kept_weights": "kept prunable weights of one vector field (K in the FLOP counts)",
+    "dense_weights": "prunable weights of one dense vector field",
+    "masks": 'unstructured cases below density 1: "random" or "magnitude" masks; null otherwise',
+    "provider": 'what ran it: "dense_eager", "torch_compile", "torch_csr", "sparsekern", '
+                '"sparsekern_<backend, layout or tier>", or "torch.mm" for the roofline row',
+    "metric": '"f", "f_div", "train_step", "solve", or "roofline"',
+    "median_ms": "median time per call (f, f_div, train_step: per NFE; solve: the whole solve)",
+    "p10_ms": "10th percentile of the samples",
+    "p90_ms": "90th percentile of the samples",
+    "repeats": "number of timed samples",
+    "inner": "calls per sample (fast calls are batched to outlast timer resolution)",
+    "first_ms": "the first call alone (includes compilation / extension load)",
+    "nfe": "solve: function evaluations of the dopri5 solve (all blocks); null otherwise",
+    "per_nfe_ms": "solve: median_ms / nfe",
+    "model_ms": "solve: median time spent inside the vector-field calls (ODEFunc.forward)",
+    "solver_ms": "solve: median time outside them (torchdiffeq's step control, tableau "
+                 "combinations, host syncs)",
+    "flops": "floating-point operations on the kept weights per call (see README)",
+    "gflops": "flops / median time, in GFLOP/s",
+    "roofline_gflops": "GFLOP/s of torch.mm on the case's dense layer shapes at the row's "
+                       "batch, measured in the same run",
+    "roofline_fraction": "gflops / roofline_gflops",
+    "speedup": "dense_eager median / this median for the same case and metric (>1: faster)",
+    "rel_err": "norm-wise relative error of the outputs against dense_eager's on the same "
+               "inputs (f: dz; f_div: max over dz and div; train_step: dL/dz; solve: log p)",
+    "div_impl": 'how the divergence is computed ("autograd", "jvp", "vjp", "fused", ...)',
+    "backend": "sparsekern: the backend it ran on (auto resolved); null for the others",
+    "layouts": "sparsekern: per-layer layout of block 0 (dense / csr / blocked); null otherwise",
+    "batch": "batch size of the measurement",
+    "dtype": '"float32" or "float64"',
+    "device": '"cpu", "cuda" or "cuda:<i>"',
+    "threads": "torch.get_num_threads() during the run",
+    "atol": "solve: dopri5 absolute tolerance",
+    "rtol": "solve: dopri5 relative tolerance",
+    "error": "null, or the exception that stopped this measurement (type: message)",
+}
+
+META_FIELDS: dict[str, str] = {
+    "machine": "cpu_model, cpu_flags, cpu_count, threads, interop_threads, platform, python, "
+               "torch, torchdiffeq, triton, cuda, cuda_available, gpu, gpu_capability, "
+               "sparsekern, git_commit, device",
+    "machine_slug": 'short machine name, e.g. "cpu-amd-epyc-2t" (the default output folder)',
+    "command": "the command line",
+    "options": "every option of the run (cases, providers, metrics, budget, batch, ...)",
+    "providers": "description of each provider run",
+    "skipped": "providers not available here, with the reason",
+    "started": "start time, ISO 8601 (UTC)",
+    "duration_s": "wall-clock seconds of the whole run",
+    "complete": "false while the run is still going (results.json is rewritten after each case)",
+    "flop_counting": "the FLOP convention, in words",
+    "loadavg_start": "1-minute load average when the run started (a busy machine skews "
+                     "multi-threaded kernels most)",
+    "loadavg_end": "the same when results.json was last written",
+}
+
+
+def empty_row() -> dict[str, object]:
+    """A row with every field of ``ROW_FIELDS`` set to None."""
+    return dict.fromkeys(ROW_FIELDS)
