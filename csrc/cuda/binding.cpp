@@ -1,5 +1,5 @@
-// Torch binding of the CUDA kernels: spmm, sddmm, mlp_fwd, mlp_bwd with the
-// signatures of sparsekern/ref.py (the "cuda" backend of sparsekern.ops).
+// Torch binding of the CUDA kernels: spmm, spmm_blocked, sddmm, mlp_fwd, mlp_bwd
+// with the signatures of sparsekern/ref.py (the "cuda" backend of sparsekern.ops).
 // The kernels are reached through their C ABI (sparsekern_cuda.h) only.
 //
 // Dense products go to cuBLAS (at::mm) with TF32 switched off for the call
@@ -79,6 +79,33 @@ void csr_matmul(const Tensor& rowptr, const Tensor& col, const Tensor* vperm, co
   }
 }
 
+// The zero-filled block storage [n_blocks, SK_BLOCK_ROWS] of CSR values:
+// bvals[bslot[k]] = vals[k].
+Tensor block_values(const Tensor& vals, const Tensor& bcol, const Tensor& bslot) {
+  Tensor bvals = at::zeros({bcol.numel() * SK_BLOCK_ROWS}, vals.options());
+  bvals.index_put_({bslot.to(at::kLong)}, vals);
+  return bvals;
+}
+
+// y = W x for W in the blocked layout (bptr, bcol, bslot over the CSR values vals).
+void blocked_matmul(const Tensor& bptr, const Tensor& bcol, const Tensor& bslot,
+                    const Tensor& vals, const Tensor& x, Tensor& y) {
+  TORCH_INTERNAL_ASSERT(x.size(1) <= 1 || (x.stride(1) == 1 && y.stride(1) == 1));
+  const Tensor bvals = block_values(vals, bcol, bslot), order = row_order(bptr);
+  const int64_t n_rows = y.size(0), N = x.size(1);
+  if (x.scalar_type() == at::kFloat) {
+    check(sk_blocked_spmm_f32(iptr(bptr), iptr(bcol), iptr(order), ptr<float>(bvals),
+                              ptr<float>(x), x.stride(0), ptr<float>(y), y.stride(0), n_rows, N,
+                              stream()),
+          "spmm_blocked");
+  } else {
+    check(sk_blocked_spmm_f64(iptr(bptr), iptr(bcol), iptr(order), ptr<double>(bvals),
+                              ptr<double>(x), x.stride(0), ptr<double>(y), y.stride(0), n_rows, N,
+                              stream()),
+          "spmm_blocked");
+  }
+}
+
 Tensor sddmm_impl(const Tensor& rowptr, const Tensor& col, const Tensor& a, const Tensor& b) {
   Tensor out = at::zeros({col.numel()}, a.options());
   if (col.numel() == 0) return out;
@@ -113,11 +140,15 @@ class CublasFp32 {
   bool before_, allow_;
 };
 
+// A layer of the MLP program: [W] dense; rowptr, col, rowptr_t, col_t, perm, vals
+// (CSR); the same then bptr, bcol, bslot (blocked: W x from the blocks, W^T g
+// and the weight gradient on the CSR).
 struct Layer {
-  std::vector<Tensor> t;  // [W] dense, or rowptr, col, rowptr_t, col_t, perm, vals
+  std::vector<Tensor> t;
   int64_t n_out = 0, n_in = 0;
-  bool csr() const { return t.size() == 6; }
-  const Tensor& values() const { return t.back(); }
+  bool sparse() const { return t.size() >= 6; }
+  bool blocked() const { return t.size() == 9; }
+  const Tensor& values() const { return t[t.size() == 1 ? 0 : 5]; }
 };
 
 std::vector<Layer> parse_layers(const std::vector<Tensor>& weights,
@@ -126,24 +157,27 @@ std::vector<Layer> parse_layers(const std::vector<Tensor>& weights,
   size_t i = 0;
   int64_t n_in = x0.size(0);
   for (size_t l = 0; l < layouts.size(); ++l) {
-    TORCH_CHECK(layouts[l] == 0 || layouts[l] == 1, "sparsekern cuda backend: layer ", l,
+    TORCH_CHECK(layouts[l] >= 0 && layouts[l] <= 2, "sparsekern cuda backend: layer ", l,
                 " has unknown layout code ", layouts[l]);
-    const size_t n = layouts[l] == 0 ? 1 : 6;
+    const size_t n = layouts[l] == 0 ? 1 : layouts[l] == 1 ? 6 : 9;
     TORCH_CHECK(i + n <= weights.size(), "sparsekern cuda backend: weights list ends inside layer ",
                 l);
     Layer layer;
     for (size_t k = 0; k < n; ++k) layer.t.push_back(weights[i + k]);
     check_float(layer.values(), "layer weights", x0);
-    layer.t.back() = layer.values().contiguous();
+    layer.t[n == 1 ? 0 : 5] = layer.values().contiguous();
     layer.n_in = n_in;
     if (n == 1) {
-      TORCH_CHECK(layer.t[0].dim() == 2 && layer.t[0].size(1) == n_in, "sparsekern cuda backend: "
-                  "layer ", l, " is a dense matrix of shape ", layer.t[0].sizes(), ", expected [*, ",
-                  n_in, "]");
+      TORCH_CHECK(layer.t[0].dim() == 2 && layer.t[0].size(1) == n_in,
+                  "sparsekern cuda backend: layer ", l, " is a dense matrix of shape ",
+                  layer.t[0].sizes(), ", expected [*, ", n_in, "]");
       layer.n_out = layer.t[0].size(0);
     } else {
-      const char* names[] = {"rowptr", "col", "rowptr_t", "col_t", "perm"};
-      for (int k = 0; k < 5; ++k) check_index(layer.t[k], names[k], x0);
+      const char* names[] = {"rowptr", "col", "rowptr_t", "col_t", "perm", "", "bptr", "bcol",
+                             "bslot"};
+      for (size_t k = 0; k < n; ++k) {
+        if (k != 5) check_index(layer.t[k], names[k], x0);
+      }
       layer.n_out = layer.t[0].numel() - 1;
       TORCH_CHECK(layer.t[2].numel() - 1 == n_in, "sparsekern cuda backend: layer ", l, " reads ",
                   layer.t[2].numel() - 1, " inputs, the previous layer gives ", n_in);
@@ -181,11 +215,13 @@ Tensor stack_columns(const Tensor& x0, const Tensor& tan0) {
 
 // y = W x (or W^T x) for one layer, into y (unit column stride).
 void layer_matmul(const Layer& layer, const Tensor& x, Tensor& y, bool transpose) {
-  if (!layer.csr()) {
+  if (!layer.sparse()) {
     at::mm_out(y, transpose ? layer.t[0].t() : layer.t[0], x);
     return;
   }
-  if (transpose) {
+  if (layer.blocked() && !transpose) {
+    blocked_matmul(layer.t[6], layer.t[7], layer.t[8], layer.values(), x, y);
+  } else if (transpose) {
     csr_matmul(layer.t[2], layer.t[3], &layer.t[4], layer.values(), x, y);
   } else {
     csr_matmul(layer.t[0], layer.t[1], nullptr, layer.values(), x, y);
@@ -195,7 +231,7 @@ void layer_matmul(const Layer& layer, const Tensor& x, Tensor& y, bool transpose
 bool fused_takes(const std::vector<Layer>& layers, const Tensor& x0) {
   if (layers.size() > SK_MAX_LAYERS || x0.size(0) > SK_FUSED_MAX_WIDTH) return false;
   for (const Layer& l : layers) {
-    if (l.csr() || l.n_out > SK_FUSED_MAX_WIDTH) return false;
+    if (l.sparse() || l.n_out > SK_FUSED_MAX_WIDTH) return false;
   }
   return true;
 }
@@ -228,6 +264,34 @@ Tensor spmm(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t, con
   return y;
 }
 
+Tensor spmm_blocked(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t,
+                    const Tensor& col_t, const Tensor& perm, const Tensor& vals, const Tensor& bptr,
+                    const Tensor& bcol, const Tensor& bslot, const Tensor& x) {
+  check_float(x, "x", x);
+  check_float(vals, "vals", x);
+  check_index(rowptr, "rowptr", x);
+  check_index(col, "col", x);
+  check_index(rowptr_t, "rowptr_t", x);
+  check_index(col_t, "col_t", x);
+  check_index(perm, "perm", x);
+  check_index(bptr, "bptr", x);
+  check_index(bcol, "bcol", x);
+  check_index(bslot, "bslot", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n_rows = rowptr.numel() - 1, n_cols = rowptr_t.numel() - 1;
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == n_cols, "sparsekern::spmm_blocked: x must be [",
+              n_cols, ", N], got ", x.sizes());
+  TORCH_CHECK(vals.numel() == col.numel() && bslot.numel() == col.numel(),
+              "sparsekern::spmm_blocked: vals and bslot need the pattern's ", col.numel(),
+              " entries, got ", vals.numel(), " and ", bslot.numel());
+  TORCH_CHECK(bptr.numel() == (n_rows + SK_BLOCK_ROWS - 1) / SK_BLOCK_ROWS + 1,
+              "sparsekern::spmm_blocked: bptr has ", bptr.numel(), " entries for ", n_rows,
+              " rows in groups of ", SK_BLOCK_ROWS);
+  Tensor y = at::empty({n_rows, x.size(1)}, x.options());
+  blocked_matmul(bptr, bcol, bslot, vals.contiguous(), x.contiguous(), y);
+  return y;
+}
+
 Tensor sddmm(const Tensor& rowptr, const Tensor& col, const Tensor& a, const Tensor& b) {
   check_float(a, "a", a);
   check_float(b, "b", a);
@@ -251,6 +315,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_fwd(
   TORCH_CHECK(tan0.dim() == 3 && tan0.size(1) == x0.size(0) && tan0.size(2) == x0.size(1),
               "sparsekern::mlp_fwd: tan0 must be [K, ", x0.size(0), ", ", x0.size(1), "], got ",
               tan0.sizes());
+  TORCH_CHECK(act >= 0 && act <= 6, "sparsekern::mlp_fwd: unknown activation id ", act,
+              " (sparsekern/activations.py ACT_IDS)");
   const c10::cuda::CUDAGuard guard(x0.device());
   const CublasFp32 precision(allow_tf32);
   const auto layers = parse_layers(weights, layouts, x0);
@@ -338,6 +404,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     const std::vector<Tensor>& shifts, const std::vector<int64_t>& layouts, int64_t act,
     bool exact, const std::vector<Tensor>& saved, bool allow_tf32) {
   check_float(x0, "x0", x0);
+  TORCH_CHECK(act >= 0 && act <= 6, "sparsekern::mlp_bwd: unknown activation id ", act,
+              " (sparsekern/activations.py ACT_IDS)");
   const c10::cuda::CUDAGuard guard(x0.device());
   const CublasFp32 precision(allow_tf32);
   const auto layers = parse_layers(weights, layouts, x0);
@@ -350,6 +418,9 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
   TORCH_CHECK(grad_f.dim() == 2 && grad_f.size(0) == d && grad_f.size(1) == B &&
                   grad_div.dim() == 1 && grad_div.size(0) == B,
               "sparsekern::mlp_bwd: grad_f must be [", d, ", ", B, "] and grad_div [", B, "]");
+  check_float(grad_f, "grad_f", x0);
+  check_float(grad_div, "grad_div", x0);
+  for (const Tensor& t : saved) check_float(t, "saved", x0);
   const Tensor gf = grad_f.contiguous(), gd = grad_div.contiguous();
   const Tensor pc = (K > 0 && !exact) ? probe.contiguous() : Tensor();
   const bool f32 = x0.scalar_type() == at::kFloat;
@@ -379,7 +450,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
                                         last, exact, stream()),
           "mlp epilogue backward");
     const Tensor x_in = l == 0 ? stack_columns(x0, tan0) : saved[L + l - 1].contiguous();
-    if (layer.csr()) {
+    if (layer.sparse()) {
       g_w[l] = sddmm_impl(layer.t[0], layer.t[1], mbar, x_in);
     } else {
       g_w[l] = at::mm(mbar, x_in.t());
@@ -402,6 +473,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm", &spmm, "W x or W^T x for W in CSR", py::arg("rowptr"), py::arg("col"),
         py::arg("rowptr_t"), py::arg("col_t"), py::arg("perm"), py::arg("vals"), py::arg("x"),
         py::arg("transpose"));
+  m.def("spmm_blocked", &spmm_blocked, "W x for W in the blocked layout", py::arg("rowptr"),
+        py::arg("col"), py::arg("rowptr_t"), py::arg("col_t"), py::arg("perm"), py::arg("vals"),
+        py::arg("bptr"), py::arg("bcol"), py::arg("bslot"), py::arg("x"));
   m.def("sddmm", &sddmm, "(a b^T) at the kept places", py::arg("rowptr"), py::arg("col"),
         py::arg("a"), py::arg("b"));
   m.def("mlp_fwd", &mlp_fwd, "fused MLP forward + JVP", py::arg("x0"), py::arg("tan0"),

@@ -39,6 +39,19 @@ int sk_csr_spmm_f64(const int32_t* rowptr, const int32_t* col, const int32_t* vp
                     const int32_t* row_order, const double* vals, const double* x, int64_t ldx,
                     double* y, int64_t ldy, int64_t n_rows, int64_t N, void* stream);
 
+/* y = W x for W in the blocked layout (sparsekern/formats.py BlockedPattern):
+ * group g holds rows [4g, 4g + 4) (SK_BLOCK_ROWS), its blocks bptr[g]..bptr[g+1]
+ * are columns bcol[b] with the four rows' values bvals[4b .. 4b+3] (zero where
+ * not kept). Each input row loaded feeds four output rows. group_order
+ * (optional) orders groups like row_order does rows. */
+#define SK_BLOCK_ROWS 4
+int sk_blocked_spmm_f32(const int32_t* bptr, const int32_t* bcol, const int32_t* group_order,
+                        const float* bvals, const float* x, int64_t ldx, float* y, int64_t ldy,
+                        int64_t n_rows, int64_t N, void* stream);
+int sk_blocked_spmm_f64(const int32_t* bptr, const int32_t* bcol, const int32_t* group_order,
+                        const double* bvals, const double* x, int64_t ldx, double* y,
+                        int64_t ldy, int64_t n_rows, int64_t N, void* stream);
+
 /* out[k] = <a[row_k, 0:N], b[col_k, 0:N]> for every kept entry k (the weight
  * gradient of W x at the kept places). */
 int sk_csr_sddmm_f32(const int32_t* rowptr, const int32_t* col, const int32_t* row_order,

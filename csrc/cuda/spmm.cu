@@ -1,5 +1,6 @@
-// CSR x dense (W x, W^T x through the stored transpose) and SDDMM, feature-major.
-// References: sparsekern/ref.py spmm_ref, sddmm_ref. C ABI: sparsekern_cuda.h.
+// CSR x dense (W x, W^T x through the stored transpose), blocked x dense, and
+// SDDMM, feature-major. References: sparsekern/ref.py spmm_ref, spmm_blocked_ref,
+// sddmm_ref. C ABI: sparsekern_cuda.h.
 //
 // SpMM: one warp per sparse row and per tile of 32 * VEC batch columns. The
 // warp reads 32 of the row's (col, value) pairs at once, one per lane, and
@@ -55,6 +56,61 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       }
     }
     if (active) Vec<T, VEC>::store(y + r * ldy + j, acc);
+  }
+}
+
+// Blocked layout: as the CSR kernel, one warp per group of SK_BLOCK_ROWS rows;
+// each broadcast block carries a column and four values, so every x element
+// loaded feeds four accumulators.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
+    blocked_spmm_kernel(const int32_t* __restrict__ bptr, const int32_t* __restrict__ bcol,
+                        const int32_t* __restrict__ group_order, const T* __restrict__ bvals,
+                        const T* __restrict__ x, int64_t ldx, T* __restrict__ y, int64_t ldy,
+                        int64_t n_rows, int64_t n_groups, int64_t N) {
+  constexpr int R = SK_BLOCK_ROWS;
+  const int64_t slot = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (slot >= n_groups) return;  // warp-uniform
+  const int lane = threadIdx.x % kWarp;
+  const int64_t g = group_order ? group_order[slot] : slot;
+  const int32_t k0 = bptr[g], k1 = bptr[g + 1];
+  for (int64_t j = (int64_t(blockIdx.y) * kWarp + lane) * VEC; j - lane * VEC < N;
+       j += int64_t(gridDim.y) * kWarp * VEC) {
+    const bool active = j < N;
+    T acc[R][VEC];
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int u = 0; u < VEC; ++u) acc[i][u] = T(0);
+    for (int32_t kb = k0; kb < k1; kb += kWarp) {
+      const int32_t kk = kb + lane;
+      int32_t c = 0;
+      T w[R];
+#pragma unroll
+      for (int i = 0; i < R; ++i) w[i] = kk < k1 ? bvals[int64_t(kk) * R + i] : T(0);
+      if (kk < k1) c = bcol[kk];
+      const int n = min(kWarp, k1 - kb);
+      for (int t = 0; t < n; ++t) {
+        const int32_t ct = __shfl_sync(kFullMask, c, t);
+        T wt[R];
+#pragma unroll
+        for (int i = 0; i < R; ++i) wt[i] = __shfl_sync(kFullMask, w[i], t);
+        if (active) {
+          T xv[VEC];
+          Vec<T, VEC>::load(x + int64_t(ct) * ldx + j, xv);
+#pragma unroll
+          for (int i = 0; i < R; ++i)
+#pragma unroll
+            for (int u = 0; u < VEC; ++u) acc[i][u] = fma(wt[i], xv[u], acc[i][u]);
+        }
+      }
+    }
+    if (active) {
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        if (g * R + i < n_rows) Vec<T, VEC>::store(y + (g * R + i) * ldy + j, acc[i]);
+      }
+    }
   }
 }
 
@@ -119,6 +175,29 @@ int spmm(const int32_t* rowptr, const int32_t* col, const int32_t* vperm,
 }
 
 template <typename T>
+int blocked_spmm(const int32_t* bptr, const int32_t* bcol, const int32_t* group_order,
+                 const T* bvals, const T* x, int64_t ldx, T* y, int64_t ldy, int64_t n_rows,
+                 int64_t N, void* stream) {
+  const int64_t n_groups = ceil_div(n_rows, SK_BLOCK_ROWS);
+  if (n_groups <= 0 || N <= 0) return 0;
+  constexpr int V = 16 / sizeof(T);
+  const bool vec = N % V == 0 && ldx % V == 0 && ldy % V == 0 && aligned16(x) && aligned16(y);
+  const int width = kWarp * (vec ? V : 1);
+  const dim3 grid(static_cast<unsigned>(ceil_div(n_groups, kWarpsPerBlock)),
+                  static_cast<unsigned>(std::min(ceil_div(N, width), kMaxGridY)));
+  const dim3 block(kWarp * kWarpsPerBlock);
+  auto s = static_cast<cudaStream_t>(stream);
+  if (vec) {
+    blocked_spmm_kernel<T, V><<<grid, block, 0, s>>>(bptr, bcol, group_order, bvals, x, ldx, y,
+                                                     ldy, n_rows, n_groups, N);
+  } else {
+    blocked_spmm_kernel<T, 1><<<grid, block, 0, s>>>(bptr, bcol, group_order, bvals, x, ldx, y,
+                                                     ldy, n_rows, n_groups, N);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
 int sddmm(const int32_t* rowptr, const int32_t* col, const int32_t* row_order, const T* a,
           int64_t lda, const T* b, int64_t ldb, T* out, int64_t n_rows, int64_t N,
           void* stream) {
@@ -144,6 +223,7 @@ int sddmm(const int32_t* rowptr, const int32_t* col, const int32_t* row_order, c
 }  // namespace cuda
 }  // namespace sparsekern
 
+using sparsekern::cuda::blocked_spmm;
 using sparsekern::cuda::sddmm;
 using sparsekern::cuda::spmm;
 
@@ -164,6 +244,18 @@ int sk_csr_spmm_f64(const int32_t* rowptr, const int32_t* col, const int32_t* vp
                     const int32_t* row_order, const double* vals, const double* x, int64_t ldx,
                     double* y, int64_t ldy, int64_t n_rows, int64_t N, void* stream) {
   return spmm(rowptr, col, vperm, row_order, vals, x, ldx, y, ldy, n_rows, N, stream);
+}
+
+int sk_blocked_spmm_f32(const int32_t* bptr, const int32_t* bcol, const int32_t* group_order,
+                        const float* bvals, const float* x, int64_t ldx, float* y, int64_t ldy,
+                        int64_t n_rows, int64_t N, void* stream) {
+  return blocked_spmm(bptr, bcol, group_order, bvals, x, ldx, y, ldy, n_rows, N, stream);
+}
+
+int sk_blocked_spmm_f64(const int32_t* bptr, const int32_t* bcol, const int32_t* group_order,
+                        const double* bvals, const double* x, int64_t ldx, double* y,
+                        int64_t ldy, int64_t n_rows, int64_t N, void* stream) {
+  return blocked_spmm(bptr, bcol, group_order, bvals, x, ldx, y, ldy, n_rows, N, stream);
 }
 
 int sk_csr_sddmm_f32(const int32_t* rowptr, const int32_t* col, const int32_t* row_order,

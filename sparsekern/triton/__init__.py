@@ -1,14 +1,15 @@
 """The Triton backend of the op registry (``sparsekern.ops``, backend="triton").
 
-The four entry points have the signatures of their references in
-``sparsekern.ref`` (without the ``_ref`` suffix), plus a keyword-only
-``allow_tf32`` (default False: fp32 products are exact IEEE, as adaptive
-solvers need). Kernels live in ``k_spmm`` (CSR x dense), ``k_sddmm`` (weight
-gradient at the kept places) and ``k_fused_mlp`` (the fused forward + JVP
-program and its backward; a general per-layer path for CSR or wide layers).
-They run compiled on CUDA tensors; on CPU tensors only under Triton's
-interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is
-how the CPU test suite checks them against the references.
+The entry points (spmm, spmm_blocked, sddmm, mlp_fwd, mlp_bwd) have the
+signatures of their references in ``sparsekern.ref`` (without the ``_ref``
+suffix); the MLP ones take a keyword-only ``allow_tf32`` (default False: fp32
+products are exact IEEE, as adaptive solvers need). Kernels live in
+``k_spmm`` (CSR and blocked x dense), ``k_sddmm`` (weight gradient at the kept
+places) and ``k_fused_mlp`` (the fused forward + JVP program and its backward;
+a general per-layer path for sparse or wide layers). They run compiled on CUDA
+tensors; on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``
+set before triton is imported), which is how the CPU test suite checks them
+against the references.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import os
 
 import torch
 
-__all__ = ["aot_compile", "aot_variants", "available", "mlp_bwd", "mlp_fwd", "sddmm", "spmm"]
+__all__ = ["aot_compile", "aot_variants", "available", "mlp_bwd", "mlp_fwd", "sddmm", "spmm",
+           "spmm_blocked"]
 
 
 def available() -> bool:
@@ -43,6 +45,24 @@ def spmm(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor, col_t:
     from sparsekern.triton import k_spmm
 
     return k_spmm.spmm(rowptr, col, rowptr_t, col_t, perm, vals, x, transpose)
+
+
+def spmm_blocked(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor,
+                 col_t: torch.Tensor, perm: torch.Tensor, vals: torch.Tensor, bptr: torch.Tensor,
+                 bcol: torch.Tensor, bslot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """W x for W [R, C] in the blocked layout: ``sparsekern.ref.spmm_blocked_ref``.
+
+    Args:
+        rowptr, col, rowptr_t, col_t, perm: the CSR pattern the blocks come from.
+        vals: [nnz] kept values (CSR order). bptr, bcol, bslot: the blocks
+            (``formats.BlockedPattern``). x: [C, N].
+
+    Returns:
+        A fresh contiguous [R, N] tensor.
+    """
+    from sparsekern.triton import k_spmm
+
+    return k_spmm.spmm_blocked(rowptr, col, rowptr_t, col_t, perm, vals, bptr, bcol, bslot, x)
 
 
 def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Tensor

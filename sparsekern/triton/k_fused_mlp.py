@@ -18,9 +18,10 @@ Two paths, picked by ``mlp_fwd`` / ``mlp_bwd``:
   pre-activations, per-program partial sums of the shift and scale gradients)
   then W_l^T times them; the weight gradients are one dense GEMM per layer
   afterwards (they sum over the batch, across programs).
-- General (CSR layers or wide layers): per layer one product (dense: cuBLAS with
-  TF32 off; CSR: ``k_spmm``) and one Triton epilogue kernel; the backward uses
-  ``k_sddmm`` for CSR weight gradients and the stored transpose for W^T.
+- General (CSR, blocked or wide layers): per layer one product (dense: cuBLAS
+  with TF32 off; CSR and blocked: ``k_spmm``) and one Triton epilogue kernel;
+  the backward uses ``k_sddmm`` for sparse weight gradients and the CSR's stored
+  transpose for W^T.
 
 Both paths share the activation code (``_act_d1``, ``_act_d1_d2``, written to
 match ``sparsekern.activations.act_ref``, Triton's core math only so it also
@@ -37,7 +38,7 @@ from sparsekern.activations import ACT_IDS, SOFTPLUS_THRESHOLD
 from sparsekern.formats import split_weights
 from sparsekern.ref import mlp_bwd_ref, mlp_fwd_ref, stack_columns
 from sparsekern.triton.k_sddmm import sddmm
-from sparsekern.triton.k_spmm import spmm_into
+from sparsekern.triton.k_spmm import spmm_blocked_into, spmm_into
 from sparsekern.triton.launch import (
     AOT_DTYPES,
     check_device,
@@ -455,8 +456,12 @@ def _scales_or_ones(scales: list[torch.Tensor], ones: torch.Tensor) -> list[torc
 
 def _check_program(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
                    layers: list, scales: list[torch.Tensor], shifts: list[torch.Tensor],
-                   exact: bool) -> list[int]:
-    """Validate shapes and dtypes; return the widths n_0..n_L."""
+                   exact: bool, act: int) -> list[int]:
+    """Validate shapes, dtypes, devices and the activation; return the widths n_0..n_L."""
+    if act not in ACT_IDS.values():
+        # The kernels would fall through to the identity: refuse instead.
+        raise ValueError(f"sparsekern triton mlp: unknown activation id {act}; expected one of "
+                         f"{ACT_IDS}")
     check_float("x0", x0)
     check_device(x0)
     if x0.dim() != 2:
@@ -507,7 +512,7 @@ def fused_mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
                   ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """``mlp_fwd_ref`` in one launch; requires ``fused_eligible``. config: (BB, CH, KC)."""
     layers = split_weights(weights, layouts)
-    widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact)
+    widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact, act)
     if not fused_eligible(x0, weights, layouts):
         raise ValueError("sparsekern triton mlp: the fused kernel takes dense layers of width "
                          f"<= {FUSED_MAX_WIDTH}; use general_mlp_fwd")
@@ -548,12 +553,13 @@ def fused_mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tensor
                              list[torch.Tensor]]:
     """``mlp_bwd_ref`` in one launch plus one GEMM per layer; requires ``fused_eligible``."""
     layers = split_weights(weights, layouts)
-    widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact)
+    widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact, act)
     if not fused_eligible(x0, weights, layouts):
         raise ValueError("sparsekern triton mlp: the fused kernel takes dense layers of width "
                          f"<= {FUSED_MAX_WIDTH}; use general_mlp_bwd")
     n_layers, (n0, b), k = len(layers), x0.shape, tan0.shape[0]
     cols = (1 + k) * b
+    check_float("grad_f", grad_f, x0.dtype)
     _check_saved(saved, widths, b, cols, grad_f, grad_div)
     opts = dict(dtype=x0.dtype, device=x0.device)
     bb, ch, kc = config or _fused_config(b, max(widths))
@@ -599,6 +605,9 @@ def _check_saved(saved: list[torch.Tensor], widths: list[int], b: int, cols: int
         raise ValueError(f"sparsekern triton mlp_bwd: saved must be the {2 * n_layers - 1} "
                          f"tensors of mlp_fwd(save=True) with shapes {expected}, got "
                          f"{[list(t.shape) for t in saved]}")
+    for i, t in enumerate(saved):
+        check_float(f"saved[{i}]", t, grad_f.dtype)
+    check_float("grad_div", grad_div, grad_f.dtype)
     if grad_f.shape != (widths[-1], b) or grad_div.shape != (b,):
         raise ValueError(f"sparsekern triton mlp_bwd: grad_f must be [{widths[-1]}, {b}] and "
                          f"grad_div [{b}], got {list(grad_f.shape)} and {list(grad_div.shape)}")
@@ -683,16 +692,23 @@ def _epilogue_config(n: int, b: int) -> tuple[int, int]:
 
 
 def _layer_product(layer, x: torch.Tensor, transpose: bool, allow_tf32: bool) -> torch.Tensor:
-    """W x (W^T x): dense by cuBLAS with TF32 as requested, CSR by ``k_spmm``."""
+    """W x (W^T x): dense by cuBLAS with TF32 as requested, CSR and blocked by ``k_spmm``.
+
+    A blocked layer (pattern, vals, blocks) multiplies W x from its blocks and
+    W^T x through the CSR pattern's stored transpose.
+    """
     if isinstance(layer, torch.Tensor):
         with cublas_fp32(x.device, allow_tf32):
             return torch.matmul(layer.t() if transpose else layer, x)
-    pattern, vals = layer
+    pattern, vals = layer[0], layer[1].contiguous()
     n_out = pattern.shape[1] if transpose else pattern.shape[0]
     y = x.new_empty((n_out, x.shape[1]))
     if transpose:
-        return spmm_into(pattern.rowptr_t, pattern.col_t, pattern.perm, vals.contiguous(), x, y)
-    return spmm_into(pattern.rowptr, pattern.col, None, vals.contiguous(), x, y)
+        return spmm_into(pattern.rowptr_t, pattern.col_t, pattern.perm, vals, x, y)
+    if len(layer) == 3:
+        blocks = layer[2]
+        return spmm_blocked_into(blocks.bptr, blocks.bcol, blocks.block_values(vals), x, y)
+    return spmm_into(pattern.rowptr, pattern.col, None, vals, x, y)
 
 
 def general_mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
@@ -702,7 +718,7 @@ def general_mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """``mlp_fwd_ref`` as one product and one Triton epilogue per layer (any layouts, widths)."""
     layers = split_weights(weights, layouts)
-    widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact)
+    widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact, act)
     n_layers, b, k = len(layers), x0.shape[1], tan0.shape[0]
     if b == 0:
         return _empty_batch(x0, widths, save)
@@ -744,9 +760,10 @@ def general_mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tens
                                list[torch.Tensor]]:
     """``mlp_bwd_ref`` per layer: Triton epilogue, W^T product, weight gradient (GEMM or SDDMM)."""
     layers = split_weights(weights, layouts)
-    widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact)
+    widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact, act)
     n_layers, b, k = len(layers), x0.shape[1], tan0.shape[0]
     cols = (1 + k) * b
+    check_float("grad_f", grad_f, x0.dtype)
     _check_saved(saved, widths, b, cols, grad_f, grad_div)
     ones = torch.ones(max(widths), dtype=x0.dtype, device=x0.device)
     scl = _scales_or_ones(scales, ones)

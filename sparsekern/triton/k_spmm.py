@@ -11,8 +11,13 @@ when row lengths are uneven. A row is never split, so there are no atomics and
 the result is deterministic. W^T x uses ``rowptr_t``/``col_t`` and reads the
 values through ``perm`` in place.
 
+The blocked layout (``formats.BlockedPattern``: groups of ``BLOCK_ROWS`` = 4
+rows sharing a column list) has its own kernel for W x: every x row loaded
+feeds four output rows. Its W^T x and weight gradient use the CSR it is built
+from. Groups are balanced like rows, by blocks + groups.
+
 Products are plain fp32/fp64 multiply-adds (no tensor cores), i.e. exact IEEE
-arithmetic. Oracle: ``sparsekern.ref.spmm_ref``.
+arithmetic. Oracles: ``sparsekern.ref.spmm_ref``, ``spmm_blocked_ref``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsekern.ref import spmm_ref
+from sparsekern.formats import BLOCK_ROWS, BlockedPattern
+from sparsekern.ref import spmm_blocked_ref, spmm_ref
 from sparsekern.triton.launch import (
     AOT_DTYPES,
     check_device,
@@ -32,7 +38,8 @@ from sparsekern.triton.launch import (
     search_iters,
 )
 
-__all__ = ["aot_variants", "spmm", "spmm_into", "spmm_ref"]
+__all__ = ["aot_variants", "spmm", "spmm_blocked", "spmm_blocked_into", "spmm_blocked_ref",
+           "spmm_into", "spmm_ref"]
 
 
 @triton.jit
@@ -77,6 +84,38 @@ def _spmm_kernel(rowptr, col, perm, vals, x, y, n_rows, N, ldx, ldy, total, n_bl
         tl.store(y + tl.cast(r, tl.int64) * ldy + offs_n, acc, mask=mask_n)
 
 
+_BLOCK_ROWS = tl.constexpr(BLOCK_ROWS)
+
+
+@triton.jit(do_not_specialize=["N", "ldx", "ldy"])
+def _spmm_blocked_kernel(bptr, bcol, bvals, x, y, n_rows, n_groups, N, ldx, ldy, total, n_blocks,
+                         N_ITERS, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    g0 = _row_lower_bound(bptr, n_groups, (pid.to(tl.int64) * total) // n_blocks, N_ITERS)
+    g1 = _row_lower_bound(bptr, n_groups, ((pid + 1).to(tl.int64) * total) // n_blocks, N_ITERS)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_i = tl.arange(0, _BLOCK_ROWS)
+    for g in range(g0, g1):
+        k0 = tl.load(bptr + g)
+        k1 = tl.load(bptr + g + 1)
+        acc = tl.zeros([_BLOCK_ROWS, BLOCK_N], dtype=y.dtype.element_ty)
+        for k in range(k0, k1, BLOCK_K):
+            offs_k = k + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k1
+            c = tl.load(bcol + offs_k, mask=mask_k, other=0).to(tl.int64)
+            # [BLOCK_K, 4]: the four rows' values of each block (zero where not kept).
+            w = tl.load(bvals + offs_k[:, None] * _BLOCK_ROWS + offs_i[None, :],
+                        mask=mask_k[:, None], other=0.0)
+            xt = tl.load(x + c[:, None] * ldx + offs_n[None, :],
+                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            # Each loaded x row serves the group's four output rows.
+            acc += tl.sum(w[:, :, None] * xt[:, None, :], axis=0)
+        rows = tl.cast(g, tl.int64) * _BLOCK_ROWS + offs_i
+        tl.store(y + rows[:, None] * ldy + offs_n[None, :], acc,
+                 mask=(rows < n_rows)[:, None] & mask_n[None, :])
+
+
 def _config(n_cols: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_K, BLOCK_N, work per row block) for a launch."""
     if interpreting():
@@ -112,6 +151,69 @@ def spmm_into(rowptr: torch.Tensor, col: torch.Tensor, perm: torch.Tensor | None
                        x.stride(0), y.stride(0), total, n_blocks, search_iters(n_rows),
                        HAS_PERM=has_perm, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
     return y
+
+
+def spmm_blocked_into(bptr: torch.Tensor, bcol: torch.Tensor, bvals: torch.Tensor,
+                      x: torch.Tensor, y: torch.Tensor,
+                      config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """y = W x for W in the blocked layout, from its block storage ``bvals`` [n_blocks, 4].
+
+    x [C, N] and y [R, N] may be column slices (unit column stride). ``config``
+    overrides (BLOCK_K, BLOCK_N, work per group block), for tests. Returns y.
+    """
+    n_rows, n_cols = y.shape
+    if n_cols > 1 and (x.stride(1) != 1 or y.stride(1) != 1):
+        raise ValueError("sparsekern triton spmm_blocked: x and y need unit column stride")
+    n_groups = bptr.numel() - 1
+    if n_rows == 0 or n_cols == 0:
+        return y
+    check_device(x)
+    block_k, block_n, work = config or _config(n_cols, x.dtype)
+    # The [BLOCK_K, 4, BLOCK_N] product tile is four times CSR's: a quarter of the entries.
+    block_k = max(1, block_k // BLOCK_ROWS) if config is None else block_k
+    total = bcol.numel() + n_groups
+    n_blocks = max(1, min(n_groups, triton.cdiv(total, work)))
+    grid = (n_blocks, triton.cdiv(n_cols, block_n))
+    _spmm_blocked_kernel[grid](bptr, bcol, bvals, x, y, n_rows, n_groups, n_cols, x.stride(0),
+                               y.stride(0), total, n_blocks, search_iters(n_groups),
+                               BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    return y
+
+
+def spmm_blocked(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor,
+                 col_t: torch.Tensor, perm: torch.Tensor, vals: torch.Tensor, bptr: torch.Tensor,
+                 bcol: torch.Tensor, bslot: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """W x for W [R, C] in the blocked layout; same contract as ``spmm_blocked_ref``.
+
+    Args:
+        rowptr, col, rowptr_t, col_t, perm: the CSR pattern the blocks come from.
+        vals: [nnz] kept values in CSR order. bptr, bcol, bslot: the blocks.
+        x: [C, N].
+
+    Returns:
+        A fresh contiguous [R, N] tensor.
+    """
+    for name, t in zip(("rowptr", "col", "rowptr_t", "col_t", "perm", "bptr", "bcol", "bslot"),
+                       (rowptr, col, rowptr_t, col_t, perm, bptr, bcol, bslot), strict=True):
+        check_index(name, t)
+    check_float("x", x)
+    check_float("vals", vals, x.dtype)
+    n_rows, n_cols = rowptr.numel() - 1, rowptr_t.numel() - 1
+    if x.dim() != 2 or x.shape[0] != n_cols:
+        raise ValueError(f"sparsekern triton spmm_blocked: x must be [{n_cols}, N], got "
+                         f"{list(x.shape)}")
+    if vals.shape != col.shape or bslot.shape != col.shape:
+        raise ValueError(f"sparsekern triton spmm_blocked: vals {list(vals.shape)} and bslot "
+                         f"{list(bslot.shape)} must have the pattern's {col.numel()} entries")
+    if bptr.numel() != (n_rows + BLOCK_ROWS - 1) // BLOCK_ROWS + 1:
+        raise ValueError(f"sparsekern triton spmm_blocked: bptr has {bptr.numel()} entries for "
+                         f"{n_rows} rows in groups of {BLOCK_ROWS}")
+    if any(t.device != x.device for t in (rowptr, col, vals, bptr, bcol, bslot)):
+        raise ValueError(f"sparsekern triton spmm_blocked: the pattern and vals must be on "
+                         f"{x.device}")
+    bvals = BlockedPattern(bptr, bcol, bslot).block_values(vals)
+    y = torch.empty((n_rows, x.shape[1]), dtype=x.dtype, device=x.device)
+    return spmm_blocked_into(bptr, bcol, bvals, x.contiguous(), y)
 
 
 def spmm(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor, col_t: torch.Tensor,
@@ -158,4 +260,10 @@ def aot_variants(dtype: torch.dtype) -> list[tuple[object, dict[str, str], dict[
                "BLOCK_K": "constexpr", "BLOCK_N": "constexpr"}
         out.append((_spmm_kernel, sig,
                     {"HAS_PERM": has_perm, "BLOCK_K": block_k, "BLOCK_N": block_n}))
+    sig = {"bptr": "*i32", "bcol": "*i32", "bvals": f"*{t}", "x": f"*{t}", "y": f"*{t}",
+           "n_rows": "i32", "n_groups": "i32", "N": "i32", "ldx": "i32", "ldy": "i32",
+           "total": "i32", "n_blocks": "i32", "N_ITERS": "i32", "BLOCK_K": "constexpr",
+           "BLOCK_N": "constexpr"}
+    out.append((_spmm_blocked_kernel, sig,
+                {"BLOCK_K": max(1, block_k // BLOCK_ROWS), "BLOCK_N": block_n}))
     return out
