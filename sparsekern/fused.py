@@ -293,8 +293,8 @@ class FusedMLP(CompiledField):
                              f"[B, {self.in_dim}], got {list(z.shape)}")
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, d] -> the first layer's feature-major input rows [n0, B]."""
-        return x.t() if self.all_cols0 else x.t().index_select(0, self.cols0)
+        """[B, d] -> the first layer's feature-major input rows [n0, B], contiguous."""
+        return x.t().contiguous() if self.all_cols0 else x.t().index_select(0, self.cols0)
 
     def _run_fused(self, t, z, noise, exact: bool, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
         program = self._program(t, z)
@@ -316,8 +316,10 @@ class FusedMLP(CompiledField):
             tan0 = z.new_empty(0, n0, b)
             probe = empty
         else:
-            tan0 = self._gather(noise)[None]
-            probe = noise.t()[None]
+            # One contiguous copy serves as probe and, when every state dim is read,
+            # as tangent too (the op would otherwise copy each).
+            probe = noise.t().contiguous()[None]
+            tan0 = probe if self.all_cols0 else probe.index_select(1, self.cols0)
         f, div, _ = ops.mlp_fwd(x0, tan0, probe, weights, scales, shifts, self.layouts,
                                 self.act_id, exact, save, self.backend)
         return f.t().contiguous(), div

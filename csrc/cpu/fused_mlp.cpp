@@ -81,6 +81,21 @@ Tensor stack_columns(const Tensor& x0, const Tensor& tan0) {
   return at::cat({x0, tan0.permute({1, 0, 2}).reshape({x0.size(0), tan0.size(0) * x0.size(1)})}, 1);
 }
 
+// Scratch memory for the intermediate activations of a forward that saves
+// nothing: fresh multi-megabyte buffers on every call cost page faults and cache
+// misses that, at high sparsity, exceed the products themselves. One pool per
+// thread (autograd may run the op on its own threads); it holds the largest
+// buffers asked for. Nothing returned by an op ever aliases it.
+Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& opt) {
+  static thread_local std::vector<Tensor> pool(2);
+  Tensor& buf = pool[slot];
+  const int64_t need = std::max<int64_t>(rows * cols, 1);
+  if (!buf.defined() || buf.numel() < need || buf.scalar_type() != opt.dtype().toScalarType()) {
+    buf = at::empty({need}, opt);
+  }
+  return buf.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
 // X = [sigma(a) | sigma'(a) * u] with a = s * M_h + c, u = s * M_v (identity on
 // the last layer). X may alias M.
 template <typename T>
@@ -160,28 +175,32 @@ void epilogue_bwd(const T* M, T* Xbar, const T* scale, const T* shift, T* g_scal
 }
 
 // div_b = sum_k <probe_k[:, b], V_k[:, b]>, or sum_k V_k[k, b] for unit probes.
+// Column chunks with a local accumulator, so every row is read contiguously.
 template <typename T>
 void contract_divergence(const T* X, const T* probe, T* div, int64_t d, int64_t B, int64_t K,
                          bool exact) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t V = Vec::size();
+  constexpr int64_t CHUNK = 256;
   const int64_t ld = (1 + K) * B;
-  at::parallel_for(0, (B + V - 1) / V, 16, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, (B + CHUNK - 1) / CHUNK, 1, [&](int64_t c0, int64_t c1) {
+    T acc[CHUNK];
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t j = c * V, n = std::min<int64_t>(V, B - j);
-      Vec acc(T(0));
+      const int64_t j0 = c * CHUNK, width = std::min(CHUNK, B - j0);
+      std::fill(acc, acc + width, T(0));
       for (int64_t k = 0; k < K; ++k) {
-        const T* v = X + (1 + k) * B + j;
-        if (exact) {
-          acc = acc + Vec::loadu(v + k * ld, n);
-        } else {
-          for (int64_t i = 0; i < d; ++i) {
-            acc = at::vec::fmadd(Vec::loadu(probe + (k * d + i) * B + j, n),
-                                 Vec::loadu(v + i * ld, n), acc);
+        for (int64_t i = exact ? k : 0; i < (exact ? k + 1 : d); ++i) {
+          const T* v = X + i * ld + (1 + k) * B + j0;
+          const T* p = exact ? nullptr : probe + (k * d + i) * B + j0;
+          for (int64_t j = 0; j < width; j += V) {
+            const int64_t n = std::min<int64_t>(V, width - j);
+            const Vec term = exact ? Vec::loadu(v + j, n)
+                                   : Vec::loadu(p + j, n) * Vec::loadu(v + j, n);
+            (Vec::loadu(acc + j, n) + term).store(acc + j, n);
           }
         }
       }
-      acc.store(div + j, n);
+      std::copy(acc, acc + width, div + j0);
     }
   });
 }
@@ -233,22 +252,25 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_fwd(
               probe.sizes());
   std::vector<Tensor> saved_m, saved_x;
   Tensor x = stack_columns(x0, tan0);
+  const int64_t cols = (1 + K) * B;
   for (size_t l = 0; l < layers.size(); ++l) {
     const bool last = l + 1 == layers.size();
-    Tensor m = at::empty({layers[l].n_out, x.size(1)}, x0.options());
+    const int64_t n_out = layers[l].n_out;
+    Tensor out = save ? at::empty({n_out, cols}, x0.options())
+                      : scratch(static_cast<int>(l % 2), n_out, cols, x0.options());
+    const Tensor* s = optional_ptr(scales[l]);
+    // Without a backward to feed, the activations overwrite M in place. (Fusing
+    // the epilogue into the CSR product was measured: no faster, the products
+    // are bound by their gathers, not by this extra pass.)
+    Tensor m = save ? at::empty({n_out, cols}, x0.options()) : out;
     layer_matmul(layers[l].tensors, x, m, false);
-    // Without a backward to feed, the activations overwrite M in place.
-    Tensor out = save ? at::empty_like(m) : m;
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_fwd", [&] {
-      const Tensor* s = optional_ptr(scales[l]);
       epilogue_fwd<scalar_t>(m.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                              s ? s->data_ptr<scalar_t>() : nullptr,
-                             shifts[l].data_ptr<scalar_t>(), layers[l].n_out, B, K, act, last);
+                             shifts[l].data_ptr<scalar_t>(), n_out, B, K, act, last);
     });
-    if (save) {
-      saved_m.push_back(m);
-      if (!last) saved_x.push_back(out);
-    }
+    if (save) saved_m.push_back(m);
+    if (save && !last) saved_x.push_back(out);
     x = out;
   }
   Tensor f = x.narrow(1, 0, B).contiguous();

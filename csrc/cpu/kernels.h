@@ -203,44 +203,58 @@ void small_k_matmul(const T* w, int64_t ldw, const T* x, int64_t ldx, T* y, int6
 constexpr int64_t kSmallK = 8;
 
 // out[k] = sum_j a[row_k, j] * b[col_k, j] over j < N: (a b^T) at the kept places.
+// For row r a tile of a (4 vectors) stays in registers while the row's entries
+// sweep it, each adding into its own vector partial in an L1 buffer; one
+// horizontal sum per entry and panel. (Reloading a per entry, or reducing per
+// tile, costs more than the FMAs.)
 template <typename T>
 void csr_sddmm(const int32_t* rowptr, const int32_t* col, const T* a, int64_t lda, const T* b,
                int64_t ldb, T* out, int64_t n_rows, int64_t n_in, int64_t N) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t U = 4;
+  constexpr int64_t TILE = U * V;
   const int64_t nnz = n_rows > 0 ? rowptr[n_rows] : 0;
   if (nnz == 0) return;
   std::fill(out, out + nnz, T(0));
   if (N == 0) return;
+  int64_t max_row = 0;
+  for (int64_t r = 0; r < n_rows; ++r) max_row = std::max<int64_t>(max_row, rowptr[r + 1] - rowptr[r]);
   const int64_t panel = panel_width<T>(n_in, N, V);
   const auto bounds = balanced_row_blocks(rowptr, n_rows, 4 * at::get_num_threads());
   const int64_t n_blocks = static_cast<int64_t>(bounds.size()) - 1;
+  auto sum = [](Vec& p, Vec& q) { return p + q; };
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Vec> partial(static_cast<size_t>(max_row));
     for (int64_t blk = begin; blk < end; ++blk) {
       // Panels outside rows: b's panel stays cached across the block's rows.
       for (int64_t j0 = 0; j0 < N; j0 += panel) {
         const int64_t j1 = std::min(N, j0 + panel);
         for (int64_t r = bounds[blk]; r < bounds[blk + 1]; ++r) {
+          const int64_t k0 = rowptr[r], n = rowptr[r + 1] - k0;
+          if (n == 0) continue;
+          std::fill(partial.begin(), partial.begin() + n, Vec(T(0)));
           const T* ar = a + r * lda;
-          for (int64_t k = rowptr[r]; k < rowptr[r + 1]; ++k) {
-            const T* br = b + static_cast<int64_t>(col[k]) * ldb;
-            Vec acc[U];
-            for (int64_t u = 0; u < U; ++u) acc[u] = Vec(T(0));
-            int64_t j = j0;
-            for (; j + U * V <= j1; j += U * V) {
-              for (int64_t u = 0; u < U; ++u) {
-                acc[u] = at::vec::fmadd(Vec::loadu(ar + j + u * V), Vec::loadu(br + j + u * V),
-                                        acc[u]);
-              }
+          int64_t j = j0;
+          for (; j + TILE <= j1; j += TILE) {
+            Vec av[U];
+            for (int64_t u = 0; u < U; ++u) av[u] = Vec::loadu(ar + j + u * V);
+            for (int64_t i = 0; i < n; ++i) {
+              const T* br = b + static_cast<int64_t>(col[k0 + i]) * ldb + j;
+              Vec p = partial[i];
+              for (int64_t u = 0; u < U; ++u) p = at::vec::fmadd(av[u], Vec::loadu(br + u * V), p);
+              partial[i] = p;
             }
-            for (; j < j1; j += V) {
-              const int64_t n = std::min<int64_t>(V, j1 - j);
-              acc[0] = at::vec::fmadd(Vec::loadu(ar + j, n), Vec::loadu(br + j, n), acc[0]);
-            }
-            const Vec s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-            out[k] += at::vec::vec_reduce_all<T>([](Vec& p, Vec& q) { return p + q; }, s);
           }
+          for (; j < j1; j += V) {
+            const int64_t w = std::min<int64_t>(V, j1 - j);
+            const Vec av = Vec::loadu(ar + j, w);  // zero-filled beyond w
+            for (int64_t i = 0; i < n; ++i) {
+              const T* br = b + static_cast<int64_t>(col[k0 + i]) * ldb + j;
+              partial[i] = at::vec::fmadd(av, Vec::loadu(br, w), partial[i]);
+            }
+          }
+          for (int64_t i = 0; i < n; ++i) out[k0 + i] += at::vec::vec_reduce_all<T>(sum, partial[i]);
         }
       }
     }
