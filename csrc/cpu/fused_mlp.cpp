@@ -7,72 +7,32 @@
 
 #include <c10/util/Exception.h>
 
+#include "../common/mlp_program.h"
+
 namespace sparsekern {
 namespace cpu {
 
 namespace {
 
-struct Layer {
-  // [W] dense; rowptr, col, rowptr_t, col_t, perm, vals for CSR; + bptr, bcol, bslot blocked
-  std::vector<Tensor> tensors;
-  int64_t n_out;
-  int64_t n_in;
-  bool sparse() const { return tensors.size() >= 6; }  // the CSR pattern is there
-};
+using sparsekern::Layer;
 
+constexpr const char* kWho = "sparsekern cpu backend";
+
+// The shared structural parse, then what this backend needs: CPU tensors of the
+// input's dtype, contiguous.
 std::vector<Layer> parse_layers(const std::vector<Tensor>& weights,
                                 const std::vector<int64_t>& layouts, const Tensor& x0) {
-  std::vector<Layer> layers;
-  size_t i = 0;
-  int64_t n_in = x0.size(0);
-  for (size_t l = 0; l < layouts.size(); ++l) {
-    TORCH_CHECK(layouts[l] >= 0 && layouts[l] <= 2, "sparsekern: layer ", l,
-                " has unknown layout code ", layouts[l]);
-    const size_t n = layouts[l] == 0 ? 1 : layouts[l] == 1 ? 6 : 9;
-    TORCH_CHECK(i + n <= weights.size(), "sparsekern: weights list ends inside layer ", l);
-    Layer layer{std::vector<Tensor>(weights.begin() + i, weights.begin() + i + n), 0, n_in};
-    const Tensor& w = layer.tensors[n == 1 ? 0 : 5];
-    TORCH_CHECK(w.scalar_type() == x0.scalar_type() && w.device() == x0.device(),
-                "sparsekern: layer ", l, " weights are ", w.scalar_type(), " on ", w.device(),
-                ", the input is ", x0.scalar_type(), " on ", x0.device());
-    TORCH_CHECK(w.is_contiguous(), "sparsekern: layer ", l, " weights must be contiguous");
-    if (n == 1) {
-      TORCH_CHECK(w.dim() == 2 && w.size(1) == n_in, "sparsekern: layer ", l,
-                  " is a dense matrix of shape ", w.sizes(), ", expected [*, ", n_in, "]");
-      layer.n_out = w.size(0);
-    } else {
-      for (size_t t = 0; t < n; ++t) {
-        if (t == 5) continue;  // the values
-        TORCH_CHECK(layer.tensors[t].scalar_type() == at::kInt && layer.tensors[t].is_contiguous(),
-                    "sparsekern: layer ", l, " CSR index ", t, " must be contiguous int32");
-      }
-      layer.n_out = layer.tensors[0].numel() - 1;
-      TORCH_CHECK(layer.tensors[2].numel() - 1 == n_in, "sparsekern: layer ", l, " reads ",
-                  layer.tensors[2].numel() - 1, " inputs, the previous layer gives ", n_in);
-      TORCH_CHECK(w.numel() == layer.tensors[1].numel(), "sparsekern: layer ", l, " has ",
-                  w.numel(), " values for ", layer.tensors[1].numel(), " kept places");
+  std::vector<Layer> layers = sparsekern::parse_layers(weights, layouts, x0.size(0), kWho);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    for (const Tensor& t : layers[l].t) {
+      TORCH_CHECK(t.device() == x0.device() && t.is_contiguous(), kWho, ": layer ", l,
+                  " tensors must be contiguous and on ", x0.device());
     }
-    n_in = layer.n_out;
-    layers.push_back(std::move(layer));
-    i += n;
+    const Tensor& w = layers[l].values();
+    TORCH_CHECK(w.scalar_type() == x0.scalar_type(), kWho, ": layer ", l, " weights are ",
+                w.scalar_type(), ", the input is ", x0.scalar_type());
   }
-  TORCH_CHECK(i == weights.size(), "sparsekern: ", weights.size() - i,
-              " weight tensors beyond the last layer");
-  TORCH_CHECK(!layers.empty(), "sparsekern: the MLP program has no layer");
   return layers;
-}
-
-void check_vectors(const std::vector<Tensor>& v, const std::vector<Layer>& layers, const char* what,
-                   bool allow_empty) {
-  TORCH_CHECK(v.size() == layers.size(), "sparsekern: ", v.size(), " ", what, " for ",
-              layers.size(), " layers");
-  for (size_t l = 0; l < v.size(); ++l) {
-    const bool empty_ok = allow_empty && v[l].numel() == 0;
-    TORCH_CHECK(empty_ok || (v[l].dim() == 1 && v[l].numel() == layers[l].n_out),
-                "sparsekern: layer ", l, " ", what, " has shape ", v[l].sizes(), ", expected [",
-                layers[l].n_out, "]");
-    TORCH_CHECK(v[l].is_contiguous(), "sparsekern: layer ", l, " ", what, " must be contiguous");
-  }
 }
 
 // [x0 | tan0[0] | ... | tan0[K-1]] as one [n0, (1+K) B] matrix.
@@ -241,8 +201,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_fwd(
               "sparsekern::mlp_fwd: tan0 must be [K, ", x0.size(0), ", ", x0.size(1), "], got ",
               tan0.sizes());
   const auto layers = parse_layers(weights, layouts, x0);
-  check_vectors(scales, layers, "scale", true);
-  check_vectors(shifts, layers, "shift", false);
+  sparsekern::check_vectors(scales, layers, "scale", true, kWho);
+  sparsekern::check_vectors(shifts, layers, "shift", false, kWho);
   const int64_t B = x0.size(1), K = tan0.size(0), d = layers.back().n_out;
   TORCH_CHECK(!exact || K == d, "sparsekern::mlp_fwd: the exact trace needs K = d = ", d,
               " unit tangents, got K = ", K);
@@ -263,7 +223,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_fwd(
     // the epilogue into the CSR product was measured: no faster, the products
     // are bound by their gathers, not by this extra pass.)
     Tensor m = save ? at::empty({n_out, cols}, x0.options()) : out;
-    layer_matmul(layers[l].tensors, x, m, false);
+    layer_matmul(layers[l].t, x, m, false);
     AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_fwd", [&] {
       epilogue_fwd<scalar_t>(m.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                              s ? s->data_ptr<scalar_t>() : nullptr,
@@ -294,8 +254,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     const std::vector<Tensor>& saved) {
   const auto layers = parse_layers(weights, layouts, x0);
   const size_t L = layers.size();
-  check_vectors(scales, layers, "scale", true);
-  check_vectors(shifts, layers, "shift", false);
+  sparsekern::check_vectors(scales, layers, "scale", true, kWho);
+  sparsekern::check_vectors(shifts, layers, "shift", false, kWho);
   TORCH_CHECK(saved.size() == 2 * L - 1, "sparsekern::mlp_bwd: expected ", 2 * L - 1,
               " saved tensors (mlp_fwd with save=True), got ", saved.size());
   const int64_t B = x0.size(1), K = tan0.size(0), d = layers.back().n_out;
@@ -329,14 +289,14 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     });
     // xbar now holds Mbar, the cotangent of M = W x_in.
     if (layer.sparse()) {
-      g_w[li] = sddmm(layer.tensors[0], layer.tensors[1], xbar, x_in);
+      g_w[li] = sddmm(layer.t[0], layer.t[1], xbar, x_in);
     } else {
       g_w[li] = at::mm(xbar, x_in.t());
     }
     // The first layer's tangent inputs are constants: only the state columns.
     const Tensor mbar = li == 0 ? xbar.narrow(1, 0, B) : xbar;
     Tensor next = at::empty({layer.n_in, mbar.size(1)}, x0.options());
-    layer_matmul(layer.tensors, mbar, next, true);
+    layer_matmul(layer.t, mbar, next, true);
     if (li == 0) {
       grad_x0 = next;
     } else {

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/mlp_program.h"
 #include "sparsekern_cuda.h"
 
 namespace {
@@ -140,71 +141,34 @@ class CublasFp32 {
   bool before_, allow_;
 };
 
-// A layer of the MLP program: [W] dense; rowptr, col, rowptr_t, col_t, perm, vals
-// (CSR); the same then bptr, bcol, bslot (blocked: W x from the blocks, W^T g
-// and the weight gradient on the CSR).
-struct Layer {
-  std::vector<Tensor> t;
-  int64_t n_out = 0, n_in = 0;
-  bool sparse() const { return t.size() >= 6; }
-  bool blocked() const { return t.size() == 9; }
-  const Tensor& values() const { return t[t.size() == 1 ? 0 : 5]; }
-};
+using sparsekern::Layer;
 
+constexpr const char* kWho = "sparsekern cuda backend";
+
+// The shared structural parse, then what this backend needs: CUDA tensors of the
+// input's dtype, contiguous values.
 std::vector<Layer> parse_layers(const std::vector<Tensor>& weights,
                                 const std::vector<int64_t>& layouts, const Tensor& x0) {
-  std::vector<Layer> layers;
-  size_t i = 0;
-  int64_t n_in = x0.size(0);
-  for (size_t l = 0; l < layouts.size(); ++l) {
-    TORCH_CHECK(layouts[l] >= 0 && layouts[l] <= 2, "sparsekern cuda backend: layer ", l,
-                " has unknown layout code ", layouts[l]);
-    const size_t n = layouts[l] == 0 ? 1 : layouts[l] == 1 ? 6 : 9;
-    TORCH_CHECK(i + n <= weights.size(), "sparsekern cuda backend: weights list ends inside layer ",
-                l);
-    Layer layer;
-    for (size_t k = 0; k < n; ++k) layer.t.push_back(weights[i + k]);
+  std::vector<Layer> layers = sparsekern::parse_layers(weights, layouts, x0.size(0), kWho);
+  const char* names[] = {"rowptr", "col", "rowptr_t", "col_t", "perm", "", "bptr", "bcol",
+                         "bslot"};
+  for (Layer& layer : layers) {
     check_float(layer.values(), "layer weights", x0);
-    layer.t[n == 1 ? 0 : 5] = layer.values().contiguous();
-    layer.n_in = n_in;
-    if (n == 1) {
-      TORCH_CHECK(layer.t[0].dim() == 2 && layer.t[0].size(1) == n_in,
-                  "sparsekern cuda backend: layer ", l, " is a dense matrix of shape ",
-                  layer.t[0].sizes(), ", expected [*, ", n_in, "]");
-      layer.n_out = layer.t[0].size(0);
-    } else {
-      const char* names[] = {"rowptr", "col", "rowptr_t", "col_t", "perm", "", "bptr", "bcol",
-                             "bslot"};
-      for (size_t k = 0; k < n; ++k) {
+    layer.values() = layer.values().contiguous();
+    if (layer.sparse()) {
+      for (size_t k = 0; k < layer.t.size(); ++k) {
         if (k != 5) check_index(layer.t[k], names[k], x0);
       }
-      layer.n_out = layer.t[0].numel() - 1;
-      TORCH_CHECK(layer.t[2].numel() - 1 == n_in, "sparsekern cuda backend: layer ", l, " reads ",
-                  layer.t[2].numel() - 1, " inputs, the previous layer gives ", n_in);
-      TORCH_CHECK(layer.values().numel() == layer.t[1].numel(), "sparsekern cuda backend: layer ",
-                  l, " has ", layer.values().numel(), " values for ", layer.t[1].numel(),
-                  " kept places");
     }
-    n_in = layer.n_out;
-    layers.push_back(std::move(layer));
-    i += n;
   }
-  TORCH_CHECK(i == weights.size(), "sparsekern cuda backend: ", weights.size() - i,
-              " weight tensors beyond the last layer");
-  TORCH_CHECK(!layers.empty(), "sparsekern cuda backend: the MLP program has no layer");
   return layers;
 }
 
 void check_vectors(const std::vector<Tensor>& v, const std::vector<Layer>& layers,
                    const char* what, bool allow_empty, const Tensor& x0) {
-  TORCH_CHECK(v.size() == layers.size(), "sparsekern cuda backend: ", v.size(), " ", what,
-              " for ", layers.size(), " layers");
-  for (size_t l = 0; l < v.size(); ++l) {
-    if (allow_empty && v[l].numel() == 0) continue;
-    check_float(v[l], what, x0);
-    TORCH_CHECK(v[l].dim() == 1 && v[l].numel() == layers[l].n_out && v[l].is_contiguous(),
-                "sparsekern cuda backend: layer ", l, " ", what, " has shape ", v[l].sizes(),
-                ", expected a contiguous [", layers[l].n_out, "]");
+  sparsekern::check_vectors(v, layers, what, allow_empty, kWho);
+  for (const Tensor& t : v) {
+    if (t.numel()) check_float(t, what, x0);
   }
 }
 

@@ -18,7 +18,7 @@ from sparsekern.backends.build import load_extension
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
 SOURCES = ("sparse_ops.cpp", "fused_mlp.cpp", "bindings.cpp")
-HEADERS = ("kernels.h",)
+HEADERS = ("kernels.h", "../common/mlp_program.h")
 
 
 def _cpu_features() -> set[str]:

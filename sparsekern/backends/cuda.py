@@ -18,7 +18,7 @@ from sparsekern.backends.build import load_extension
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 SOURCES = ("binding.cpp", "spmm.cu", "mlp_epilogue.cu", "fused_mlp.cu")
-HEADERS = ("sparsekern_cuda.h", "device_common.h")
+HEADERS = ("sparsekern_cuda.h", "device_common.h", "../common/mlp_program.h")
 
 
 def compile_flags() -> tuple[list[str], list[str]]:
