@@ -14,17 +14,18 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.cases import MASK_KINDS, QUICK_CASES, SHAPES, all_cases, select_cases
-from bench.compare import DEFAULT_MARGIN, compare_files, has_regressions, summary_line
+from bench.cases import MASK_KINDS, QUICK_CASES, SHAPES, Case, all_cases, select_cases
+from bench.compare import DEFAULT_MARGIN, compare_loaded, has_regressions, summary_line
 from bench.machine import machine_info, machine_slug
 from bench.metrics import FLOP_COUNTING, METRICS
-from bench.providers import make_providers, resolve_providers
-from bench.report import write_report
+from bench.providers import Provider, make_providers, resolve_providers
+from bench.report import load_results, write_report
 from bench.runner import Settings, run_benchmark
 from bench.timing import TimingConfig
 
@@ -32,6 +33,7 @@ RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 QUICK_METRICS = ("f_div", "train_step")
 QUICK_PROVIDERS = ("dense_eager", "torch_csr", "sparsekern")
 QUICK_BUDGET_S = 0.5
+DEFAULT_BUDGET_S = 1.0
 DEFAULT_SOLVE_BATCH = 1024
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -121,6 +123,42 @@ def _loadavg() -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What a run measures (cases x providers x metrics) and its per-measurement budget."""
+
+    cases: list[Case]
+    metrics: list[str]
+    providers: list[str]
+    budget_s: float
+
+
+def resolve_selection(args: argparse.Namespace, device: torch.device,
+                      registry: dict[str, Provider]) -> Selection:
+    """The run's selection: ``--quick``'s subset, each part overridden by its explicit option.
+
+    Providers are names in run order, including ones unavailable on ``device``
+    (the run skips those and records why).
+
+    Raises:
+        ValueError: a case pattern that matches nothing, an unknown provider, a bad budget.
+    """
+    cases = select_cases(args.cases or (list(QUICK_CASES) if args.quick else None))
+    metrics = list(args.metrics or (QUICK_METRICS if args.quick else METRICS))
+    names = resolve_providers(args.providers or (list(QUICK_PROVIDERS) if args.quick else None),
+                              device, registry)
+    budget = args.budget if args.budget is not None else (
+        QUICK_BUDGET_S if args.quick else DEFAULT_BUDGET_S)
+    if not budget > 0:
+        raise ValueError(f"--budget must be positive, got {budget}")
+    return Selection(cases, metrics, names, budget)
+
+
+def output_dir(args: argparse.Namespace, slug: str) -> Path:
+    """``--out``, or bench/results/<machine> (``<machine>-quick`` with ``--quick``)."""
+    return Path(args.out) if args.out else RESULTS_ROOT / (slug + ("-quick" if args.quick else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite; returns the exit status (0 ok, 1 regression found, 2 bad options)."""
     args = build_parser().parse_args(argv)
@@ -133,7 +171,6 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> int:
     if args.threads < 1:
         print("bench: error: --threads must be >= 1", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as exc:
@@ -142,35 +179,54 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    threads = torch.get_num_threads()
+    try:
+        return _run(args, command, device)
+    finally:
+        torch.set_num_threads(threads)  # bench.main() from Python leaves the caller's setting
+
+
+def _run(args: argparse.Namespace, command: list[str] | None, device: torch.device) -> int:
+    torch.set_num_threads(args.threads)
     if args.list:
         _list(device, args.compile_backend)
         return 0
+    registry = make_providers(args.compile_backend)
+    old: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
     try:
-        cases = select_cases(args.cases or (list(QUICK_CASES) if args.quick else None))
-        metrics = args.metrics or list(QUICK_METRICS if args.quick else METRICS)
-        registry = make_providers(args.compile_backend)
-        names = resolve_providers(args.providers or (list(QUICK_PROVIDERS) if args.quick
-                                                     else None), device, registry)
-        budget = args.budget or (QUICK_BUDGET_S if args.quick else 1.0)
-        timing = TimingConfig(budget_s=budget, warmup=args.warmup, min_repeats=args.min_repeats,
-                              max_repeats=args.max_repeats)
-        settings = Settings(metrics=list(metrics), timing=timing, dtype=DTYPES[args.dtype],
+        sel = resolve_selection(args, device, registry)
+        timing = TimingConfig(budget_s=sel.budget_s, warmup=args.warmup,
+                              min_repeats=args.min_repeats, max_repeats=args.max_repeats)
+        settings = Settings(metrics=list(sel.metrics), timing=timing, dtype=DTYPES[args.dtype],
                             device=device, seed=args.seed, masks=args.masks, batch=args.batch,
                             solve_batch=args.solve_batch or None, solve_blocks=args.solve_blocks)
-        if args.compare and not Path(args.compare).is_file():
-            raise ValueError(f"--compare {args.compare}: no such file")
     except ValueError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
+    cases, metrics, names, budget = sel.cases, sel.metrics, sel.providers, sel.budget_s
     skipped = {n: registry[n].unavailable(device) for n in names}
     skipped = {n: why for n, why in skipped.items() if why}
-    providers = [registry[n] for n in names if n not in skipped]
+    providers: list[Provider] = [registry[n] for n in names if n not in skipped]
     for n, why in skipped.items():
         print(f"bench: skipping {n}: {why}", file=sys.stderr)
 
     info = machine_info(device)
     slug = machine_slug(info)
-    out = Path(args.out) if args.out else RESULTS_ROOT / (slug + ("-quick" if args.quick else ""))
+    out = output_dir(args, slug)
+    if args.compare:
+        # Read the baseline now: a bad file must not cost a whole run, and the run must not
+        # overwrite the file it is compared with (the default --out holds the committed one).
+        try:
+            if Path(args.compare).resolve() == (out / "results.json").resolve():
+                raise ValueError(f"--compare {args.compare} is the results.json this run "
+                                 "writes; pass another --out")
+            old = load_results(Path(args.compare))
+        except FileNotFoundError:
+            print(f"bench: error: --compare {args.compare}: no such file", file=sys.stderr)
+            return 2
+        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            print(f"bench: error: --compare {args.compare}: {exc}", file=sys.stderr)
+            return 2
     meta: dict[str, Any] = {
         "machine": info,
         "machine_slug": slug,
@@ -216,9 +272,8 @@ def run(args: argparse.Namespace, command: list[str] | None = None) -> int:
     if errors:
         print(f"bench: {len(errors)} measurement(s) failed; see the Checks section of "
               "results.md", file=sys.stderr)
-    if args.compare:
-        changes, text = compare_files(Path(args.compare), out / "results.json", args.margin,
-                                      out / "compare.md")
+    if old is not None:
+        changes, text = compare_loaded(old, (meta, rows), args.margin, out / "compare.md")
         print(text, end="")
         print(summary_line(changes))
         return 1 if has_regressions(changes) else 0

@@ -157,6 +157,22 @@ def render(changes: list[Change], notes: list[str], margin: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_loaded(old: tuple[dict[str, Any], list[Row]], new: tuple[dict[str, Any], list[Row]],
+                   margin: float = DEFAULT_MARGIN,
+                   out: Path | None = None) -> tuple[list[Change], str]:
+    """Compare two loaded runs, each ``(meta, rows)``; write the markdown to ``out`` if given.
+
+    Returns:
+        (changes, markdown).
+    """
+    (old_meta, old_rows), (new_meta, new_rows) = old, new
+    changes = compare_rows(old_rows, new_rows, margin)
+    text = render(changes, machine_note(changes, old_meta, new_meta), margin)
+    if out is not None:
+        atomic_write_text(out, text)
+    return changes, text
+
+
 def compare_files(old_path: Path, new_path: Path, margin: float = DEFAULT_MARGIN,
                   out: Path | None = None) -> tuple[list[Change], str]:
     """Compare two results.json; write the markdown to ``out`` if given.
@@ -164,13 +180,7 @@ def compare_files(old_path: Path, new_path: Path, margin: float = DEFAULT_MARGIN
     Returns:
         (changes, markdown).
     """
-    old_meta, old_rows = load_results(old_path)
-    new_meta, new_rows = load_results(new_path)
-    changes = compare_rows(old_rows, new_rows, margin)
-    text = render(changes, machine_note(changes, old_meta, new_meta), margin)
-    if out is not None:
-        atomic_write_text(out, text)
-    return changes, text
+    return compare_loaded(load_results(old_path), load_results(new_path), margin, out)
 
 
 def summary_line(changes: list[Change]) -> str:

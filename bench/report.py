@@ -9,6 +9,7 @@ the plots from a results.json.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -31,6 +32,13 @@ NFE_TOLERANCE = 0.02
 # ----------------------------------------------------------------------- file writing
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give (mkstemp's files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
@@ -39,6 +47,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -142,8 +151,9 @@ def _header(meta: dict[str, Any]) -> list[str]:
     load = meta.get("loadavg_start")
     cpus = m.get("cpu_count") or 1
     if load is not None:
+        end = meta.get("loadavg_end")
         lines.append(f"- Load average (1 min) at start {load:.2f}, at end "
-                     f"{meta.get('loadavg_end', float('nan')):.2f}.")
+                     f"{float('nan') if end is None else end:.2f}.")
         if max(load, meta.get("loadavg_end") or 0) > 0.5 * cpus:
             lines += ["", f"> **Warning**: the machine was busy (load above {0.5 * cpus:.1f}); "
                           "multi-threaded kernels suffer most from sharing cores, so these "
@@ -424,6 +434,7 @@ def plot_speedups(rows: list[Row], out_dir: Path) -> list[Path]:
         os.close(fd)
         try:
             fig.savefig(tmp, format="png", dpi=110)
+            os.chmod(tmp, _file_mode())
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -432,12 +443,22 @@ def plot_speedups(rows: list[Row], out_dir: Path) -> list[Path]:
     return written
 
 
-def readme_table(meta: dict[str, Any], rows: list[Row], metric: str = "f_div") -> str:
+# The cases of the project README's performance table (the full grid is in results.md):
+# every shape dense, at 90% and 98% unstructured sparsity and 70% of the neurons pruned,
+# plus the toy at 70% unstructured (the paper's best toy ratio).
+README_CASES = ("*/unstructured/1", "toy/unstructured/0.3", "*/unstructured/0.1",
+                "*/unstructured/0.02", "*/structured/0.3")
+
+
+def readme_table(meta: dict[str, Any], rows: list[Row], metric: str = "f_div",
+                 cases: Sequence[str] | None = README_CASES) -> str:
     """A compact markdown block for the project README: sparsekern on ``metric`` per case.
 
     Columns: dense eager time, sparsekern's speedup against it, against torch_csr and
     torch_compile, and sparsekern's fraction of the roofline; a line above names the
-    machine, versions, threads and dtype the figures come from.
+    machine, versions, threads and dtype the figures come from. ``cases``: fnmatch
+    patterns over case names (default ``README_CASES``; None: every case), in the
+    rows' order. tests/test_bench.py checks that README.md holds exactly this block.
     """
     m = meta.get("machine", {})
     idx = _index(rows)
@@ -447,6 +468,8 @@ def readme_table(meta: dict[str, Any], rows: list[Row], metric: str = "f_div") -
              f"(`{meta.get('command', 'python -m bench')}`; metric {metric}, per NFE).", ""]
     body = []
     for c in _cases(rows):
+        if cases is not None and not any(fnmatch.fnmatchcase(c, pat) for pat in cases):
+            continue
         r = idx.get((c, "sparsekern", metric))
         base = idx.get((c, "dense_eager", metric))
         if not r or r["error"] or not r["median_ms"]:
@@ -483,7 +506,7 @@ def write_report(out_dir: Path, meta: dict[str, Any], rows: list[Row],
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench.report results.json [--out DIR] [--no-plots] [--readme]``."""
+    """``python -m bench.report results.json [--out DIR] [--no-plots] [--readme ...]``."""
     parser = argparse.ArgumentParser(prog="python -m bench.report",
                                      description="regenerate results.md and plots")
     parser.add_argument("results", help="a results.json")
@@ -491,10 +514,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--readme", action="store_true",
                         help="print the compact table for the project README and stop")
+    parser.add_argument("--readme-cases", nargs="+", metavar="PATTERN",
+                        default=list(README_CASES),
+                        help="--readme: case globs to include (default: "
+                             f"{' '.join(README_CASES)}; '*' for every case)")
     args = parser.parse_args(argv)
     meta, rows = load_results(Path(args.results))
     if args.readme:
-        print(readme_table(meta, rows), end="")
+        print(readme_table(meta, rows, cases=args.readme_cases), end="")
         return 0
     out = Path(args.out) if args.out else Path(args.results).parent
     out.mkdir(parents=True, exist_ok=True)
