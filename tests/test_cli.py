@@ -195,7 +195,7 @@ def test_demo_continues_an_interrupted_demo(tmp_path, monkeypatch, capsys):
     flags = _tiny_demo(monkeypatch)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *flags]) == 0
-    drop = {"seconds", "train_seconds", "eval_seconds", "step_seconds_dense",
+    drop = {"seconds", "prepare_seconds", "train_seconds", "eval_seconds", "step_seconds_dense",
             "step_seconds_compiled", "speedup"}
 
     def rows(m):

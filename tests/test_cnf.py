@@ -134,6 +134,32 @@ def test_nfe_counters_equal_calls_of_f(adjoint):
     assert all(p.grad is not None for p in counting.parameters())
 
 
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_hutchinson_noise_is_drawn_once_per_solve(adjoint, monkeypatch):
+    import flows.odefunc
+
+    seen = []
+    real = flows.odefunc.divergence_hutchinson
+
+    def recording(dz, z, noise, **kw):
+        seen.append(noise.detach().clone())
+        return real(dz, z, noise, **kw)
+
+    monkeypatch.setattr(flows.odefunc, "divergence_hutchinson", recording)
+    flow = CNF(ODEnet(2, (8, 8), time="concat").double(), divergence="hutchinson",
+               adjoint=adjoint, atol=1e-6, rtol=1e-6).double()
+    x = torch.randn(32, 2, dtype=F64)
+    (-flow.log_prob(x).mean()).backward()
+    first = len(seen)
+    # Every evaluation of one solve, the adjoint's backward ones included, used one probe.
+    assert first >= flow.nfe_forward > 1
+    assert all(torch.equal(n, seen[0]) for n in seen)
+    flow.log_prob(x)
+    second = seen[first:]
+    assert second and all(torch.equal(n, second[0]) for n in second)
+    assert not torch.equal(second[0], seen[0])  # a new solve draws a new probe
+
+
 def test_adjoint_and_backprop_give_the_same_gradients():
     base = random_cnf(scale=1.0, atol=1e-9, rtol=1e-9)
     adj = CNF(base.odenet, divergence="exact", adjoint=True, atol=1e-9, rtol=1e-9).double()

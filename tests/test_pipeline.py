@@ -23,7 +23,7 @@ def tiny(dataset="gaussians", **run):
 
 
 def strip(rows):
-    drop = {"seconds", "train_seconds", "eval_seconds", "step_seconds_dense",
+    drop = {"seconds", "prepare_seconds", "train_seconds", "eval_seconds", "step_seconds_dense",
             "step_seconds_compiled", "speedup"}
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
@@ -111,6 +111,30 @@ def test_early_stopping_when_validation_stops_improving(tmp_path, monkeypatch):
     rows = run_pipeline(tiny(cycles=5, patience=2), tmp_path, progress=False, plots=False)
     # Best at cycle 1; cycles 2 and 3 do not improve on it: stop after cycle 3.
     assert [r["cycle"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_every_cycle_trains_with_a_fresh_optimizer(tmp_path, monkeypatch):
+    import flows.train
+
+    made = []
+    real = flows.train.make_optimizer
+
+    def recording(params, config):
+        opt = real(params, config)
+        made.append((opt, [len(s) for s in opt.state.values()]))
+        return opt
+
+    monkeypatch.setattr(flows.train, "make_optimizer", recording)
+    run_pipeline(tiny(cycles=2), tmp_path, progress=False, plots=False)
+    assert len(made) == 3  # the warm start and two retrain cycles
+    assert len({id(opt) for opt, _ in made}) == 3
+    # Each starts without moments, with the preset's learning rate.
+    assert all(state == [] for _, state in made)
+    lrs = [opt.param_groups[0]["initial_lr" if "initial_lr" in opt.param_groups[0] else "lr"]
+           for opt, _ in made]
+    assert lrs == [lrs[0]] * 3
+    # ...and trained: moments exist by the end of each cycle.
+    assert all(len(opt.state) > 0 for opt, _ in made)
 
 
 def test_target_ratio_stops_the_run(tmp_path):

@@ -85,14 +85,16 @@ def test_rows_and_report_show_the_measured_speedup(tmp_path):
         assert r["step_seconds_dense"] > 0 and r["step_seconds_compiled"] > 0
         assert r["speedup"] == pytest.approx(r["step_seconds_dense"] / r["step_seconds_compiled"])
         assert r["step_nfe_dense"] == pytest.approx(r["step_nfe_compiled"], rel=0.02)
-        assert r["train_seconds"] > 0 and r["eval_seconds"] > 0
+        assert r["train_seconds"] > 0 and r["eval_seconds"] > 0 and r["prepare_seconds"] > 0
+        assert r["seconds"] == pytest.approx(
+            r["prepare_seconds"] + r["train_seconds"] + r["eval_seconds"])
     md = (tmp_path / "results.md").read_text()
     assert "speedup" in md and "compiled kernels" in md
     assert f"{rows[1]['speedup']:.2f}x" in md
 
 
 def test_measuring_the_speedup_does_not_change_the_results(tmp_path):
-    strip = {"seconds", "train_seconds", "eval_seconds", "step_seconds_dense",
+    strip = {"seconds", "prepare_seconds", "train_seconds", "eval_seconds", "step_seconds_dense",
              "step_seconds_compiled", "speedup", "step_nfe_dense", "step_nfe_compiled"}
     a = run_pipeline(_config(cycles=1, speedup_steps=0), tmp_path / "a", progress=False,
                      plots=False)
