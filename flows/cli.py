@@ -291,6 +291,8 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
             lanczos_steps=args.lanczos_steps,
             seed=args.seed,
             progress=progress,
+            lanczos_tol=args.lanczos_tol,
+            repeats=args.repeats,
         )
         print((Path(args.run) / "analysis" / "hessian.md").read_text())
     elif args.kind == "boundary":
@@ -352,7 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trace-samples", type=int, default=20, help="hessian: Hutchinson probes")
     p.add_argument(
-        "--lanczos-steps", type=int, default=20, help="hessian: Lanczos steps (lambda_min)"
+        "--lanczos-steps", type=int, default=20, help="hessian: Lanczos step budget (lambda_min)"
+    )
+    p.add_argument(
+        "--lanczos-tol",
+        type=float,
+        default=1e-3,
+        help="hessian: stop Lanczos when the smallest Ritz value's residual is below "
+        "this times its magnitude (0: take every step)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="hessian: power-iteration and Lanczos runs from independent start vectors, "
+        "for lambda_max / lambda_min / kappa error bars (mean +- sd; 1: none)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, default=200, help="boundary: search grid size per axis")

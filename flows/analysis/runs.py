@@ -18,9 +18,13 @@ from tqdm.auto import tqdm
 
 from flows.analysis.boundary import boundary_distances, grid, predict, robustness_summary
 from flows.analysis.field import draw_field, mode_centres
-from flows.analysis.hessian import analyze_hessian, normalise_to_first
+from flows.analysis.hessian import (
+    CONDITION_NUMBER_DEFINITION,
+    analyze_hessian,
+    normalise_to_first,
+)
 from flows.checkpoint import write_text_atomic
-from flows.odefunc import exact_divergence
+from flows.odefunc import ODEFunc, exact_divergence
 from flows.pipeline import RunData, Task, load_cycle_model, load_run_data, read_results
 
 MODES = {"gaussians": 6, "gaussianspiral": 10, "8gaussians": 8}
@@ -58,16 +62,41 @@ def _write_json(obj: Any, path: Path) -> Path:
 def _fixed_loss(
     model: nn.Module, task: Task, data: RunData, n: int, seed: int
 ) -> Callable[[], torch.Tensor]:
-    """The training loss on a fixed batch with fixed noise: one deterministic function."""
+    """The training loss on a fixed batch with fixed noise: one deterministic function.
+
+    The noise (Hutchinson probes, dequantisation) is drawn from the global RNG
+    reseeded with ``seed`` inside ``torch.random.fork_rng``, so every call sees
+    the same noise and the caller's RNG state is left as it was.
+    """
     batch = tuple(t[:n] for t in task.train_tensors)
     exact = task.config["task"] == "density" and task.config["eval"]["exact"]
+    cuda = sorted({p.get_device() for p in model.parameters() if p.is_cuda})
 
     def loss() -> torch.Tensor:
-        torch.manual_seed(seed)
-        with exact_divergence(model) if exact else contextlib.nullcontext():
-            return task.loss(model, batch)
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed)
+            for d in cuda:
+                torch.cuda.default_generators[d].manual_seed(seed)
+            with exact_divergence(model) if exact else contextlib.nullcontext():
+                return task.loss(model, batch)
 
     return loss
+
+
+def loss_description(task: Task, model: nn.Module) -> str:
+    """Which loss ``_fixed_loss`` differentiates, for hessian.json: its unit and trace."""
+    if task.classification:
+        return "cross-entropy"
+    base = "bits/dim, fixed dequantisation noise" if task.images else "nll (nats)"
+    funcs = [m for m in model.modules() if isinstance(m, ODEFunc)]
+    if task.config["eval"]["exact"] or all(f.divergence == "exact" for f in funcs):
+        return f"{base}, exact trace"
+    kinds = "/".join(sorted({f.noise_kind for f in funcs}))
+    return f"{base}, hutchinson trace ({kinds} probes, fixed seed)"
+
+
+def _pm(value: float, spread: float | None, fmt: str = ".4g") -> str:
+    return f"{value:{fmt}}" if spread is None else f"{value:{fmt}} +- {spread:.2g}"
 
 
 def hessian_over_run(
@@ -79,20 +108,45 @@ def hessian_over_run(
     lanczos_steps: int = 20,
     seed: int = 0,
     progress: bool = True,
+    lanczos_tol: float = 1e-3,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     """Hessian eigenanalysis (Table 4) for every cycle of a run.
 
     The loss is the training loss on the first ``samples`` training points,
-    exact trace where the run evaluates with it, fixed noise otherwise.
+    with the exact trace where the run evaluates with it (then the Hessian is
+    that of the exact NLL, not of the Hutchinson estimate the run trained on),
+    with fixed Hutchinson noise otherwise; hessian.json's "loss" says which.
+    ``repeats`` runs of power iteration and Lanczos from independent start
+    vectors give lambda_max, lambda_min and the condition number as mean +- sd;
+    ``lanczos_tol`` stops Lanczos early (see ``flows.analysis.hessian.lanczos``).
     Writes analysis/hessian.json, hessian.md and hessian.png.
     """
     run_dir, config, rows, data = _run_setup(run_dir)
     task = Task(config, data)
     out_rows = []
-    for r in tqdm(rows, desc="hessian", disable=not progress, dynamic_ncols=True):
-        model, _, _ = load_cycle_model(run_dir, r["cycle"], data)
+    loss_kind = ""
+    budget = repeats * (power_iters + lanczos_steps) + trace_samples
+    cycles = tqdm(rows, desc="hessian", disable=not progress, dynamic_ncols=True)
+    for r in cycles:
+        with torch.random.fork_rng(devices=[]):  # building the model draws initial weights
+            model, _, _ = load_cycle_model(run_dir, r["cycle"], data)
         model.train()
-        with _backprop_through_solver(model):
+        loss_kind = loss_kind or loss_description(task, model)
+        products = tqdm(
+            total=budget,
+            desc=f"cycle {r['cycle']}: H v",
+            disable=not progress,
+            dynamic_ncols=True,
+            leave=False,
+            position=1,
+        )
+
+        def step(stage: str, bar: tqdm = products) -> None:
+            bar.set_postfix_str(stage, refresh=False)
+            bar.update(1)
+
+        with _backprop_through_solver(model), products:
             stats = analyze_hessian(
                 model,
                 _fixed_loss(model, task, data, samples, seed),
@@ -101,16 +155,25 @@ def hessian_over_run(
                 trace_samples,
                 lanczos_steps,
                 seed,
+                lanczos_tol=lanczos_tol,
+                repeats=repeats,
+                on_product=step,
             )
+            products.total = products.n  # the budget was nominal (early stops, shifts)
+            products.refresh()
         out_rows.append({"cycle": r["cycle"], "prune_ratio": r["prune_ratio"], **stats.as_dict()})
     normalised = normalise_to_first(out_rows, HESSIAN_KEYS)
     result = {
+        "loss": loss_kind,
+        "condition_number": CONDITION_NUMBER_DEFINITION,
         "settings": {
             "samples": samples,
             "power_iters": power_iters,
             "tol": tol,
             "trace_samples": trace_samples,
             "lanczos_steps": lanczos_steps,
+            "lanczos_tol": lanczos_tol,
+            "repeats": repeats,
             "seed": seed,
         },
         "rows": out_rows,
@@ -121,23 +184,39 @@ def hessian_over_run(
     }
     out = run_dir / "analysis"
     _write_json(result, out / "hessian.json")
+    spread = f"+- sd over {repeats} start vectors" if repeats > 1 else "single start vector"
     lines = [
-        "| cycle | prune ratio | kept params | lambda_max | trace (+- s.e.) | lambda_min | kappa "
-        "| lambda_max / dense | trace / dense | kappa / dense |",
-        "|" + "---|" * 10,
+        f"Loss: {loss_kind}; {samples} training points. lambda_max, lambda_min, kappa: "
+        f"{spread}; trace: +- standard error ({trace_samples} probes). "
+        f"kappa = {CONDITION_NUMBER_DEFINITION}.",
+        "",
+        "| cycle | prune ratio | kept params | lambda_max | trace | lambda_min | kappa "
+        "| lambda_max / dense | trace / dense | kappa / dense | converged (power, Lanczos) |",
+        "|" + "---|" * 11,
     ]
     for r, n in zip(out_rows, normalised, strict=True):
         lines.append(
             f"| {r['cycle']} | {100 * r['prune_ratio']:.1f}% | {r['kept_parameters']} | "
-            f"{r['lambda_max']:.4g} | {r['trace']:.4g} +- {r['trace_stderr']:.2g} | "
-            f"{r['lambda_min']:.4g} | {r['condition_number']:.4g} | {n['lambda_max']:.3f} | "
-            f"{n['trace']:.3f} | {n['condition_number']:.3f} |"
+            f"{_pm(r['lambda_max'], r['lambda_max_std'])} | "
+            f"{_pm(r['trace'], r['trace_stderr'])} | "
+            f"{_pm(r['lambda_min'], r['lambda_min_std'])} | "
+            f"{_pm(r['condition_number'], r['condition_number_std'])} | "
+            f"{n['lambda_max']:.3f} | {n['trace']:.3f} | {n['condition_number']:.3f} | "
+            f"{'yes' if r['power_converged'] else 'no'} ({r['power_iterations']}), "
+            f"{'yes' if r['lanczos_converged'] else 'no'} ({r['lanczos_iterations']}) |"
         )
     write_text_atomic("\n".join(lines) + "\n", out / "hessian.md")
     fig, ax = plt.subplots(figsize=(6, 4))
     ratios = [100 * r["prune_ratio"] for r in out_rows]
+    spreads = {
+        "lambda_max": "lambda_max_std",
+        "trace": "trace_stderr",
+        "condition_number": "condition_number_std",
+    }
     for key in HESSIAN_KEYS:
-        ax.plot(ratios, [n[key] for n in normalised], "o-", label=key)
+        base = abs(out_rows[0][key]) or 1.0
+        err = [(r[spreads[key]] or 0.0) / base for r in out_rows]
+        ax.errorbar(ratios, [n[key] for n in normalised], yerr=err, fmt="o-", capsize=3, label=key)
     ax.axhline(1.0, color="0.6", lw=0.8)
     ax.set_xlabel("prune ratio (%)")
     ax.set_ylabel("relative to the unpruned flow")
