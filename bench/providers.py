@@ -9,7 +9,9 @@ training), not under no_grad (evaluation).
 
 - ``dense_eager``: the pruned model as is (zeros inside dense matrices),
   autograd divergence. What every public implementation of the method does,
-  and the baseline of every ratio.
+  and the baseline of every ratio. On a GPU these are cuBLAS products in exact
+  fp32: preparing it switches torch's TF32 flags off explicitly (``exact_fp32``),
+  for the rest of the run, so no provider is measured with TF32 products.
 - ``torch_compile``: ``torch.compile`` of the same dense model (fullgraph,
   static shapes). Its divergence is ``torch.func.jvp`` (forward mode: one extra
   pass, traceable by dynamo) when no gradient is needed, and ``torch.func.vjp``
@@ -18,6 +20,12 @@ training), not under no_grad (evaluation).
 - ``torch_csr``: every pruned linear map as a ``torch.sparse_csr`` matrix (built
   per call from a trainable values vector, so the training step gets weight
   gradients at the kept places) times the feature-major input, autograd divergence.
+- ``torch_bsr``: the same with ``torch.sparse_bsr`` matrices: per layer the
+  largest block size in ``BSR_BLOCKSIZES`` that stores at most ``BSR_MAX_FILL``
+  times the kept entries, the matrix zero-padded to a multiple of it. Available
+  only where torch can differentiate BSR x dense products w.r.t. the dense
+  operand (the divergence needs W^T g): probed per device (``bsr_unavailable``);
+  torch's CPU build cannot (no BSC/BSR addmm on CPU), so it runs on CUDA only.
 - ``sparsekern``: ``compile_sparse`` with backend and layout "auto"; the fused
   forward + JVP kernel for f with divergence.
 - ``sparsekern_<backend>`` (cpu, triton, cuda, ref): the same with that backend
@@ -30,10 +38,12 @@ from __future__ import annotations
 import copy
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from bench.cases import Shape, build_flow
 from flows.prune import prunable_layers
@@ -78,13 +88,36 @@ class Provider:
 # ----------------------------------------------------------------------- dense eager
 
 
+def exact_fp32(device: torch.device) -> None:
+    """On CUDA: torch's products in exact fp32 from now on (TF32 off for cuBLAS and cuDNN).
+
+    torch's default, said explicitly: user code, a plugin or
+    ``torch.set_float32_matmul_precision("high")`` may have switched TF32 on, and
+    the comparison is at fp32 accuracy (as sparsekern's kernels compute by
+    default). Process-wide on purpose: the backward products of a training step
+    run outside any call of the field, after it returns.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def _device_of(net: nn.Module) -> torch.device:
+    first = next(net.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 class DenseEager(Provider):
     name = "dense_eager"
-    description = "the pruned model as is (zeros in dense matrices), autograd divergence"
+    description = ("the pruned model as is (zeros in dense matrices; on a GPU cuBLAS with TF32 "
+                   "off), autograd divergence")
 
     def prepare(self, net: nn.Module, batch: int) -> Prepared:
+        device = _device_of(net)
+        exact_fp32(device)
+        info: dict[str, object] = {"tf32": False} if device.type == "cuda" else {}
         return Prepared(net, {"f_div": "autograd", "train_step": "autograd (create_graph)",
-                              "solve": "autograd"})
+                              "solve": "autograd"}, info)
 
 
 # --------------------------------------------------------------------- torch.compile
@@ -195,17 +228,23 @@ class CSRLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def to_csr_model(net: nn.Module) -> nn.Module:
-    """A copy of ``net`` with every prunable nn.Linear replaced by a ``CSRLinear``."""
+def _replace_linears(net: nn.Module, make: Callable[[nn.Linear], nn.Module], who: str
+                     ) -> nn.Module:
+    """A copy of ``net`` with every prunable nn.Linear replaced by ``make(linear)``."""
     out = copy.deepcopy(net)
     for name, module in prunable_layers(out):
         if type(module) is not nn.Linear:
-            raise TypeError(f"torch_csr provider: {name} is a {type(module).__name__}, "
+            raise TypeError(f"{who} provider: {name} is a {type(module).__name__}, "
                             "only nn.Linear layers are converted")
         parent_name, _, attr = name.rpartition(".")
         parent = out.get_submodule(parent_name) if parent_name else out
-        setattr(parent, attr, CSRLinear(module))
+        setattr(parent, attr, make(module))
     return out
+
+
+def to_csr_model(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with every prunable nn.Linear replaced by a ``CSRLinear``."""
+    return _replace_linears(net, CSRLinear, "torch_csr")
 
 
 class TorchCSR(Provider):
@@ -217,6 +256,148 @@ class TorchCSR(Provider):
         return Prepared(to_csr_model(net), {"f_div": "autograd",
                                             "train_step": "autograd (create_graph)",
                                             "solve": "autograd"})
+
+
+# ------------------------------------------------------------------- torch.sparse BSR
+
+BSR_BLOCKSIZES = (16, 8, 4, 2, 1)
+BSR_MAX_FILL = 2.0
+
+
+def _kept(linear: nn.Linear) -> torch.Tensor:
+    mask = getattr(linear, "weight_mask", None)
+    w = linear.weight
+    return (mask != 0) if mask is not None else torch.ones_like(w, dtype=torch.bool)
+
+
+def _pad_to(t: torch.Tensor, bs: int) -> torch.Tensor:
+    r, c = t.shape
+    out = t.new_zeros((-(-r // bs) * bs, -(-c // bs) * bs))
+    out[:r, :c] = t
+    return out
+
+
+def _block_mask(kept: torch.Tensor, bs: int) -> torch.Tensor:
+    """[R / bs, C / bs]: blocks of the padded ``kept`` holding a kept entry."""
+    p = _pad_to(kept, bs)
+    return p.view(p.shape[0] // bs, bs, p.shape[1] // bs, bs).any(3).any(1)
+
+
+def bsr_blocksize(kept: torch.Tensor) -> int:
+    """The largest of ``BSR_BLOCKSIZES`` storing at most ``BSR_MAX_FILL`` x the kept entries.
+
+    Structured pruning (whole neurons) keeps large blocks; unstructured pruning
+    at high sparsity ends at small ones (1: CSR in BSR's clothing).
+    """
+    nnz = int(kept.sum())
+    for bs in BSR_BLOCKSIZES:
+        if int(_block_mask(kept, bs).sum()) * bs * bs <= BSR_MAX_FILL * nnz:
+            return bs
+    return 1
+
+
+class BSRLinear(nn.Module):
+    """A pruned nn.Linear as a torch.sparse_bsr matrix: x [B, in] -> [B, out].
+
+    The stored blocks are a Parameter [n_blocks, bs, bs]; pruned places inside a
+    stored block are multiplied by a constant 0/1 mask on every call, so they
+    stay zero in training as in the masked model. The matrix is zero-padded to
+    a multiple of the block size (the input gets zero rows, the output is cut).
+    """
+
+    def __init__(self, linear: nn.Linear, blocksize: int | None = None) -> None:
+        super().__init__()
+        w = linear.weight.detach()
+        kept = _kept(linear)
+        bs = blocksize or bsr_blocksize(kept)
+        wp = _pad_to(torch.where(kept, w, torch.zeros_like(w)), bs)
+        kp = _pad_to(kept, bs)
+        nbr, nbc = wp.shape[0] // bs, wp.shape[1] // bs
+        bmask = kp.view(nbr, bs, nbc, bs).any(3).any(1)
+        rows, cols = bmask.nonzero(as_tuple=True)
+        crow = torch.zeros(nbr + 1, dtype=torch.long, device=w.device)
+        crow[1:] = torch.cumsum(bmask.sum(1), 0)
+        blocks = wp.view(nbr, bs, nbc, bs).permute(0, 2, 1, 3)[rows, cols]
+        kept_blocks = kp.view(nbr, bs, nbc, bs).permute(0, 2, 1, 3)[rows, cols]
+        self.register_buffer("crow", crow)
+        self.register_buffer("col", cols.contiguous())
+        self.values = nn.Parameter(blocks.contiguous())
+        self.register_buffer("value_mask", None if bool(kept_blocks.all())
+                             else kept_blocks.to(w.dtype))
+        self.blocksize = bs
+        self.size = tuple(wp.shape)
+        self.out_features, self.in_features = w.shape
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+
+    def weight_bsr(self) -> torch.Tensor:
+        vals = self.values if self.value_mask is None else self.values * self.value_mask
+        return torch.sparse_bsr_tensor(self.crow, self.col, vals, self.size,
+                                       check_invariants=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xt = x.t()
+        pad = self.size[1] - self.in_features
+        if pad:
+            xt = F.pad(xt, (0, 0, 0, pad))
+        y = (self.weight_bsr() @ xt)[: self.out_features].t()
+        return y if self.bias is None else y + self.bias
+
+
+def to_bsr_model(net: nn.Module, blocksize: int | None = None) -> nn.Module:
+    """A copy of ``net`` with every prunable nn.Linear replaced by a ``BSRLinear``."""
+    return _replace_linears(net, lambda m: BSRLinear(m, blocksize), "torch_bsr")
+
+
+@functools.cache
+def bsr_unavailable(device: str) -> str | None:
+    """None if torch differentiates BSR x dense products on ``device`` as the bench needs.
+
+    Probes a small pruned layer: its output, the product W^T g with a graph (the
+    autograd divergence), and the gradient of that (the training step).
+    """
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(8, 6)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(6, 8, generator=gen))
+    lin.register_buffer("weight_mask", (torch.rand(6, 8, generator=gen) < 0.5).float())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse BSR support is in beta"
+            layer = BSRLinear(lin.to(dev), blocksize=2)
+            x = torch.randn(5, 8, generator=gen).to(dev).requires_grad_()
+            y = layer(x)
+            dense = x @ (lin.weight * lin.weight_mask).t() + lin.bias
+            if not torch.allclose(y, dense, rtol=1e-4, atol=1e-5):
+                return f"torch's BSR product on {dev.type} disagrees with the dense one"
+            (gx,) = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True)
+            gx.square().sum().backward()
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"torch {torch.__version__} cannot differentiate BSR x dense products w.r.t. "
+                f"the dense operand on {dev.type} ({first}); the divergence needs W^T g")
+    if layer.values.grad is None:
+        return f"torch's BSR product on {dev.type} gives its values no gradient"
+    return None
+
+
+class TorchBSR(Provider):
+    name = "torch_bsr"
+    description = (f"pruned weights as torch.sparse_bsr tensors (block size: the largest of "
+                   f"{BSR_BLOCKSIZES} with at most {BSR_MAX_FILL:g}x fill, padded), "
+                   "autograd divergence")
+
+    def unavailable(self, device: torch.device) -> str | None:
+        return bsr_unavailable(str(device))
+
+    def prepare(self, net: nn.Module, batch: int) -> Prepared:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model = to_bsr_model(net)
+        sizes = [m.blocksize for m in model.modules() if isinstance(m, BSRLinear)]
+        return Prepared(model, {"f_div": "autograd", "train_step": "autograd (create_graph)",
+                                "solve": "autograd"},
+                        {"layouts": [f"bsr{bs}" for bs in sizes]})
 
 
 # ----------------------------------------------------------------------- sparsekern
@@ -296,6 +477,7 @@ def make_providers(compile_backend: str = "inductor") -> dict[str, Provider]:
         DenseEager(),
         TorchCompile(compile_backend),
         TorchCSR(),
+        TorchBSR(),
         Sparsekern("sparsekern", description="compile_sparse, backend and layout auto"),
     ]
     for backend in ("cpu", "triton", "cuda", "ref"):
@@ -317,9 +499,12 @@ def auto_backend(device: torch.device) -> str:
 
 
 def default_providers(device: torch.device, registry: dict[str, Provider]) -> list[str]:
-    """The main providers, plus each compiled sparsekern backend that runs here and that
-    "auto" does not already pick (on a GPU: triton is auto, cuda is added)."""
+    """The main providers, torch_bsr where it runs, and each compiled sparsekern backend
+    that runs here and that "auto" does not already pick (on a GPU: triton is auto, cuda
+    is added)."""
     names = list(MAIN_PROVIDERS)
+    if "torch_bsr" in registry and registry["torch_bsr"].unavailable(device) is None:
+        names.append("torch_bsr")
     auto = auto_backend(device)
     for backend in ("cpu", "triton", "cuda"):
         name = f"sparsekern_{backend}"

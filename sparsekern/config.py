@@ -2,12 +2,77 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
 
 LAYOUTS = ("auto", "dense", "csr", "blocked")
 BACKEND_CHOICES = ("auto", "ref", "cpu", "triton", "cuda")
 TIERS = ("auto", "fused", "generic")
 FALLBACKS = ("error", "eager")
+# Element types every backend computes in. Reduced precision (bf16/fp16) has no kernels.
+DTYPES = (torch.float32, torch.float64)
+# The default of SparseConfig.backend when set: a process-wide override, e.g. to run the
+# whole test suite with one backend forced on a GPU.
+BACKEND_ENV = "SPARSEKERN_BACKEND"
+
+
+def default_backend() -> str:
+    """``$SPARSEKERN_BACKEND`` if set (one of ``BACKEND_CHOICES``), else "auto".
+
+    Raises:
+        ValueError: the variable is set to something else.
+    """
+    value = os.environ.get(BACKEND_ENV, "").strip()
+    if not value:
+        return "auto"
+    if value not in BACKEND_CHOICES:
+        raise ValueError(f"environment variable {BACKEND_ENV}={value!r} is not a sparsekern "
+                         f"backend; expected one of {BACKEND_CHOICES} (or unset it)")
+    return value
+
+
+def check_dtype(dtype: torch.dtype, what: str) -> None:
+    """Raise a TypeError naming ``what`` unless ``dtype`` is one the kernels compute in."""
+    if dtype not in DTYPES:
+        names = " and ".join(str(d).removeprefix("torch.") for d in DTYPES)
+        raise TypeError(
+            f"{what} is {dtype}; sparsekern computes in {names} only (there are no "
+            f"bfloat16/float16 kernels, and SparseConfig.allow_tf32 is the only reduced-"
+            f"precision option); convert the model with .float() or .double() first"
+        )
+
+
+@contextlib.contextmanager
+def cuda_matmul_precision(device: torch.device, allow_tf32: bool) -> Iterator[None]:
+    """Run torch's dense products on ``device`` with TF32 exactly as requested (default off).
+
+    cuBLAS products (torch.matmul, ``@``) follow a process-wide flag that user
+    code may have switched on; adaptive solvers need exact fp32, so the flag is
+    set for the duration and restored. A no-op off CUDA, when the flag already
+    has the requested value, and while torch.compile traces (it would break the graph).
+    """
+    if device.type != "cuda" or _compiling():
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    if before == allow_tf32:
+        yield
+        return
+    matmul.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 @dataclass(frozen=True)
@@ -18,8 +83,12 @@ class SparseConfig:
         layout: per-layer storage. "auto" measures the candidates on each layer
             (``sparsekern.cost``); "dense" (neuron-reduced dense), "csr" and
             "blocked" force one for every layer.
-        backend: kernels. "auto" picks by device (cpu: the C++ extension, cuda:
-            Triton); "ref" is plain PyTorch (the test oracle).
+        backend: kernels. "auto" picks by device: on CPU the C++ extension; on
+            CUDA the available GPU backends ("triton", and "cuda" once its
+            extension is built), timed on the compiled field when ``autotune``
+            is on (fused tier), else Triton first (``sparsekern.field``); with
+            none available, "ref" with a warning. "ref" is plain PyTorch (the
+            test oracle). Default: ``$SPARSEKERN_BACKEND`` when set, else "auto".
         tier: "auto" fuses recognised MLPs (flows.ODEnet, nn.Sequential chains)
             and compiles anything else generically; "generic" forces the
             generic tier (autograd to any order everywhere); "fused" raises if
@@ -34,12 +103,19 @@ class SparseConfig:
             near tie may go either way from run to run); False picks by a
             density rule alone, so the same masks always give the same layouts
             and bit-identical results (the pipeline's resumable runs use this).
-        allow_tf32: let GPU kernels use TF32 products (default exact fp32:
-            adaptive solvers need the accuracy).
+        allow_tf32: let GPU kernels use TF32 products for float32 (the Triton
+            kernels' ``tl.dot`` input precision "tf32" instead of "ieee", and
+            cuBLAS products with TF32 on). Default off: exact fp32 products,
+            whatever torch's global TF32 flag says, because adaptive solvers
+            need the accuracy.
+
+    Models must hold float32 or float64 parameters (``DTYPES``): there are no
+    bfloat16/float16 kernels, and compile_sparse says so rather than compute
+    in another precision.
     """
 
     layout: str = "auto"
-    backend: str = "auto"
+    backend: str = field(default_factory=default_backend)
     tier: str = "auto"
     fallback: str = "error"
     reduce_neurons: bool = True
@@ -58,5 +134,7 @@ class SparseConfig:
                 raise ValueError(
                     f"SparseConfig.{name}={getattr(self, name)!r}; expected one of {allowed}"
                 )
+        if not isinstance(self.allow_tf32, bool):
+            raise TypeError(f"SparseConfig.allow_tf32 must be a bool, got {self.allow_tf32!r}")
         if self.batch_hint < 1:
             raise ValueError(f"SparseConfig.batch_hint must be >= 1, got {self.batch_hint}")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import statistics
+import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from sparsekern.config import SparseConfig
+from sparsekern.config import SparseConfig, check_dtype
 from sparsekern.masks import CompileError
 
 
@@ -28,8 +31,33 @@ def call_arity(f: nn.Module) -> int:
     return len(params)
 
 
+# backend="auto" on a CUDA device without measurement takes the first available of these.
+GPU_RULE_ORDER = ("triton", "cuda")
+MEASURE_REPEATS = 5
+# Devices on which backend="auto" measures the candidates (a module constant for tests).
+MEASURED_DEVICE_TYPES = ("cuda",)
+
+# (device, field key, candidates, batch) -> the backend measured fastest, for the process.
+_measured: dict[tuple, str] = {}
+
+
+def gpu_backends() -> list[str]:
+    """The GPU backends "auto" may pick here, in ``GPU_RULE_ORDER``.
+
+    "triton" when triton imports and CUDA is available; "cuda" when the CUDA
+    extension is already built or loaded (``sparsekern.backends.cuda.is_built``):
+    "auto" never starts a minutes-long nvcc build, backend="cuda" does.
+    """
+    from sparsekern import triton as triton_backend
+    from sparsekern.backends import cuda
+
+    found = {"triton": triton_backend.available(), "cuda": cuda.is_built() and cuda.available()}
+    return [b for b in GPU_RULE_ORDER if found[b]]
+
+
 @functools.cache
 def _auto_backend(device_type: str) -> str:
+    """The backend "auto" resolves to on a device type without measuring (warns on fallback)."""
     if device_type == "cpu":
         from sparsekern.backends import cpu
 
@@ -39,15 +67,33 @@ def _auto_backend(device_type: str) -> str:
                       "PyTorch reference backend (correct, not fast)", stacklevel=3)
         return "ref"
     if device_type == "cuda":
-        from sparsekern import triton as triton_backend
-
-        return "triton" if triton_backend.available() else "ref"
+        found = gpu_backends()
+        if found:
+            return found[0]
+        warnings.warn("sparsekern: no GPU backend is available (triton does not import, and the "
+                      "CUDA extension is not built: backend='cuda' builds it); running the plain "
+                      "PyTorch reference backend on the GPU (correct, not fast)", stacklevel=3)
+        return "ref"
     return "ref"
 
 
 def resolve_backend(choice: str, device: torch.device) -> str:
-    """The backend that runs on ``device`` for a config's ``backend`` choice."""
+    """The backend that runs on ``device`` for a config's ``backend`` choice (no measuring)."""
     return _auto_backend(device.type) if choice == "auto" else choice
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``MEASURE_REPEATS`` runs after one warm-up."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(MEASURE_REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 class CompiledField(nn.Module):
@@ -66,6 +112,10 @@ class CompiledField(nn.Module):
     Attributes:
         tier: "fused" or "generic".
         config: the SparseConfig it was compiled with.
+        backend: the backend its ops run on ("ref", "cpu", "triton", "cuda"),
+            resolved from ``config.backend`` for the device of its parameters;
+            with "auto" on CUDA, measured (``select_backend``) where the field
+            can make a sample input.
     """
 
     tier = "?"
@@ -74,6 +124,12 @@ class CompiledField(nn.Module):
         super().__init__()
         self.config = config
         self.arity = call_arity(source)
+        for name, p in source.named_parameters():
+            if p.is_floating_point():
+                try:
+                    check_dtype(p.dtype, f"parameter '{name}' of {type(source).__name__}")
+                except TypeError as exc:
+                    raise CompileError(str(exc)) from None
         self._source = [source]  # not a submodule: its dense parameters are not ours
         first = next(source.parameters(), None)
         self.backend = resolve_backend(
@@ -85,17 +141,89 @@ class CompiledField(nn.Module):
         """The module this was compiled from."""
         return self._source[0]
 
+    def _set_backend(self, backend: str) -> None:
+        self.backend = backend
+        for m in self.modules():
+            if m is not self and hasattr(m, "backend"):
+                m.backend = backend
+
     def _apply(self, fn, recurse=True):
         # The backend follows the device (resolved here, not per call, so that
         # torch.compile sees a constant).
-        out = super()._apply(fn, recurse)
         first = next(self.parameters(), None)
         if first is not None:
-            self.backend = resolve_backend(self.config.backend, first.device)
-            for m in self.modules():
-                if m is not self and hasattr(m, "backend"):
-                    m.backend = self.backend
+            try:
+                probe = fn(torch.empty(0, dtype=first.dtype, device=first.device))
+            except Exception:  # not a conversion we can predict: let torch's own run decide
+                probe = None
+            if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+                check_dtype(probe.dtype, f"the dtype this converts the compiled "
+                                         f"{type(self.source).__name__} to")
+        before = None if first is None else (first.device, first.dtype)
+        out = super()._apply(fn, recurse)
+        first = next(self.parameters(), None)
+        if first is not None and (first.device, first.dtype) != before:
+            self._set_backend(resolve_backend(self.config.backend, first.device))
+            self.select_backend()
         return out
+
+    # -- backend="auto" by measurement ------------------------------------------------
+    def _backend_key(self) -> tuple | None:
+        """What the measured backend choice depends on (shapes, layouts, ...); None: no measuring.
+
+        Subclasses that can run ``_sample_call`` return a hashable key here.
+        """
+        return None
+
+    def _sample_call(self, batch: int, generator: torch.Generator
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None:
+        """(t, z, noise) to time ``forward_and_divergence`` on, or None if unknown."""
+        return None
+
+    def select_backend(self) -> str:
+        """backend="auto" on CUDA with ``config.autotune``: time each GPU backend, keep the fastest.
+
+        Each available GPU backend (``gpu_backends``) runs ``forward_and_divergence``
+        (Hutchinson, no gradient) at ``config.batch_hint`` on this field once;
+        the choice is cached per (device, field structure, candidates, batch)
+        for the process. A backend that fails is left out with a warning.
+        Without measuring (autotune=False, one candidate, or a field with no
+        sample input) the rule of ``resolve_backend`` stands: Triton first.
+
+        Returns:
+            The backend the field runs on now.
+        """
+        first = next(self.parameters(), None)
+        if (self.config.backend != "auto" or not self.config.autotune or first is None
+                or first.device.type not in MEASURED_DEVICE_TYPES):
+            return self.backend
+        candidates = tuple(gpu_backends())
+        key = self._backend_key()
+        if len(candidates) < 2 or key is None:
+            return self.backend
+        device = first.device
+        cache_key = (str(device), key, candidates, self.config.batch_hint)
+        if cache_key not in _measured:
+            gen = torch.Generator(device=device).manual_seed(0)
+            sample = self._sample_call(self.config.batch_hint, gen)
+            if sample is None:
+                return self.backend
+            rule = self.backend
+            times: dict[str, float] = {}
+            with torch.no_grad():
+                for backend in candidates:
+                    self._set_backend(backend)
+                    try:
+                        times[backend] = _time(lambda: self.forward_and_divergence(*sample),
+                                               device)
+                    except Exception as exc:
+                        warnings.warn(f"sparsekern: backend {backend!r} failed on "
+                                      f"{type(self.source).__name__} while choosing the fastest "
+                                      f"GPU backend ({type(exc).__name__}: {exc}); left out",
+                                      stacklevel=2)
+            _measured[cache_key] = min(times, key=times.get) if times else rule
+        self._set_backend(_measured[cache_key])
+        return self.backend
 
     def _split_args(self, args: tuple) -> tuple[torch.Tensor | None, torch.Tensor]:
         if len(args) != self.arity:

@@ -32,7 +32,7 @@ from torch import nn
 
 from sparsekern import ops
 from sparsekern.activations import ACT_FNS, ACT_IDS, activation_name
-from sparsekern.config import SparseConfig
+from sparsekern.config import SparseConfig, cuda_matmul_precision
 from sparsekern.cost import choose_layout
 from sparsekern.field import CompiledField
 from sparsekern.linear import CoreMatrix, KeptTensor
@@ -259,6 +259,22 @@ class FusedMLP(CompiledField):
         self.all_cols0 = plan[0]["cols"].numel() == chain.in_dim
         self.layouts = [layer.core.code for layer in self.layers]
         self._params = list(self.parameters())
+        self.select_backend()
+
+    # -- backend="auto" by measurement (CompiledField.select_backend) ---------------
+    def _backend_key(self) -> tuple:
+        cores = tuple((layer.core.layout, layer.core.n_rows, layer.core.n_cols, layer.core.nnz,
+                       layer.time) for layer in self.layers)
+        return ("fused", self.act, self.in_dim, self.layers[0].weight.values.dtype,
+                self.config.allow_tf32, cores)
+
+    def _sample_call(self, batch: int, generator: torch.Generator
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        like = self.layers[0].weight.values
+        opts = dict(dtype=like.dtype, device=like.device, generator=generator)
+        z = torch.randn(batch, self.in_dim, **opts)
+        t = torch.full((), 0.5, dtype=like.dtype, device=like.device)
+        return t, z, torch.randn(batch, self.in_dim, **opts)
 
     # -- the per-call program -------------------------------------------------------
     def _program(self, t: torch.Tensor | None, like: torch.Tensor) -> list[tuple]:
@@ -321,7 +337,7 @@ class FusedMLP(CompiledField):
             probe = noise.t().contiguous()[None]
             tan0 = probe if self.all_cols0 else probe.index_select(1, self.cols0)
         f, div, _ = ops.mlp_fwd(x0, tan0, probe, weights, scales, shifts, self.layouts,
-                                self.act_id, exact, save, self.backend)
+                                self.act_id, exact, save, self.backend, self.config.allow_tf32)
         return f.t().contiguous(), div
 
     def _run_graph(self, t, z) -> torch.Tensor:
@@ -329,10 +345,13 @@ class FusedMLP(CompiledField):
         backend = self.backend
         act = ACT_FNS[self.act]
         program = self._program(t, z)
-        for i, (layer, scale, shift) in enumerate(program):
-            m = layer.core.matmul(layer.weight.values, h, backend)
-            a = (m if scale is None else scale[:, None] * m) + shift[:, None]
-            h = act(a) if i + 1 < len(program) else a
+        # Dense cores multiply with torch's matmul: TF32 as configured (its backward
+        # runs later, under the caller's setting; the sparse ops are exact either way).
+        with cuda_matmul_precision(z.device, self.config.allow_tf32):
+            for i, (layer, scale, shift) in enumerate(program):
+                m = layer.core.matmul(layer.weight.values, h, backend)
+                a = (m if scale is None else scale[:, None] * m) + shift[:, None]
+                h = act(a) if i + 1 < len(program) else a
         return h.t()
 
     # -- the contract -------------------------------------------------------------

@@ -227,3 +227,21 @@ def test_report_readme_option_prints_the_readme_table(capsys):
     assert report_main([str(COMMITTED), "--readme", "--readme-cases", "toy/*"]) == 0
     body = capsys.readouterr().out.splitlines()[4:]
     assert len(body) == 10 and all(line.startswith("| toy/") for line in body)
+
+
+def test_torch_bsr_provider_matches_the_masked_layer_or_says_why_not():
+    import warnings
+
+    from bench.providers import BSRLinear, bsr_unavailable
+
+    reason = bsr_unavailable("cpu")
+    assert reason is None or "BSR" in reason
+    lin = torch.nn.Linear(21, 43)
+    lin.register_buffer("weight_mask", (torch.rand(43, 21) < 0.3).float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "sparse BSR support is in beta"
+        layer = BSRLinear(lin)
+        x = torch.randn(5, 21)
+        torch.testing.assert_close(layer(x), x @ (lin.weight * lin.weight_mask).t() + lin.bias)
+    assert layer.blocksize in (16, 8, 4, 2, 1)
+    assert "torch_bsr" in make_providers()

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from sparsekern.backends.build import load_extension
+from sparsekern.backends.build import build_key, cache_dir, load_extension
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 SOURCES = ("binding.cpp", "spmm.cu", "mlp_epilogue.cu", "fused_mlp.cu")
@@ -30,6 +30,15 @@ def _capabilities() -> list[tuple[int, int]]:
     return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
 
 
+def _depends() -> str:
+    """What the binary depends on besides its sources and flags (part of the cache key)."""
+    return f"{torch.__version__} {torch.version.cuda} {_capabilities()}"
+
+
+def _usable_torch() -> bool:
+    return torch.version.cuda is not None and torch.cuda.is_available()
+
+
 @functools.cache
 def extension() -> ModuleType:
     """The compiled binding (``spmm``, ``sddmm``, ``mlp_fwd``, ``mlp_bwd``); built on first call.
@@ -38,7 +47,7 @@ def extension() -> ModuleType:
         RuntimeError: torch has no CUDA, no GPU is visible, the sources are
             missing, or the build fails (the compiler's message is chained).
     """
-    if torch.version.cuda is None or not torch.cuda.is_available():
+    if not _usable_torch():
         raise RuntimeError(
             "sparsekern cuda backend needs a CUDA build of torch and a visible GPU (this torch "
             f"is {torch.__version__}, CUDA {torch.version.cuda}, cuda available: "
@@ -52,9 +61,27 @@ def extension() -> ModuleType:
         HEADERS,
         cflags=cflags,
         cuda_flags=cuda_flags,
-        depends=f"{torch.__version__} {torch.version.cuda} {_capabilities()}",
+        depends=_depends(),
         fallback="'triton' or 'ref'",
     )
+
+
+def is_built() -> bool:
+    """Whether the extension is loaded or its cached build exists for this torch, CUDA and GPUs.
+
+    Never builds anything (backend="auto" uses this: it must not start an nvcc
+    build of minutes); ``extension()`` builds on first use.
+    """
+    if extension.cache_info().currsize:
+        return True
+    if not _usable_torch():
+        return False
+    files = (*SOURCES, *HEADERS)
+    if not all((CSRC / f).is_file() for f in files):
+        return False
+    cflags, cuda_flags = compile_flags()
+    key = build_key(CSRC, files, [*cflags, *cuda_flags], _depends())
+    return any((cache_dir() / f"cuda_{key}").glob("*.so"))
 
 
 def available() -> bool:

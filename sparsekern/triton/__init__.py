@@ -107,12 +107,15 @@ def mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tensor, tan0
 
 
 def aot_variants(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
-                 acts: tuple[int, ...] | None = None) -> list[tuple[object, dict, dict]]:
+                 acts: tuple[int, ...] | None = None, allow_tf32: bool = False
+                 ) -> list[tuple[object, dict, dict]]:
     """(kernel, signature, constexprs) of every Triton kernel as the wrappers launch it.
 
     Args:
         dtypes: element types to build each kernel for.
         acts: activation ids for the activation-dependent kernels (default: tanh).
+        allow_tf32: the fused kernels' ``tl.dot`` precision as launched for
+            ``SparseConfig.allow_tf32`` ("tf32" for float32 when True, else "ieee").
     """
     from sparsekern.activations import ACT_IDS
     from sparsekern.triton import k_fused_mlp, k_sddmm, k_spmm
@@ -120,7 +123,8 @@ def aot_variants(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64
     acts = (ACT_IDS["tanh"],) if acts is None else acts
     return [v for dtype in dtypes for v in (*k_spmm.aot_variants(dtype),
                                             *k_sddmm.aot_variants(dtype),
-                                            *k_fused_mlp.aot_variants(dtype, acts))]
+                                            *k_fused_mlp.aot_variants(dtype, acts,
+                                                                      allow_tf32))]
 
 
 def aot_compile(arch: int, variants: list[tuple[object, dict, dict]] | None = None

@@ -826,17 +826,19 @@ def mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tensor, tan0
 # ------------------------------------------------------------------------ AOT
 
 
-def aot_variants(dtype: torch.dtype, acts: tuple[int, ...] = (ACT_IDS["tanh"],)
+def aot_variants(dtype: torch.dtype, acts: tuple[int, ...] = (ACT_IDS["tanh"],),
+                 allow_tf32: bool = False
                  ) -> list[tuple[object, dict[str, str], dict[str, object]]]:
     """(kernel, signature, constexprs) of the compiled variants, for ahead-of-time checks.
 
     Every kernel once per activation in ``acts``, with and without the exact
-    trace; the fused kernels at the toy model's chunk (CH = 64).
+    trace; the fused kernels at the toy model's chunk (CH = 64), with their
+    ``tl.dot`` input precision as the wrappers pass it for ``allow_tf32``.
     """
     t = AOT_DTYPES[dtype]
     p = f"*{t}"
     bb, ch, kc = _fused_config(4096, 64)
-    prec = dot_precision(dtype, False)
+    prec = dot_precision(dtype, allow_tf32)
     br, bblk = 4, 128
     out = []
     for act in acts:

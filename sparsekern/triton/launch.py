@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 
 import torch
 import triton.language as tl
+
+from sparsekern.config import cuda_matmul_precision
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 AOT_DTYPES = {torch.float32: "fp32", torch.float64: "fp64"}
@@ -64,26 +65,14 @@ def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
 
 
-@contextlib.contextmanager
-def cublas_fp32(device: torch.device, allow_tf32: bool) -> Iterator[None]:
+def cublas_fp32(device: torch.device, allow_tf32: bool) -> contextlib.AbstractContextManager:
     """Run torch.matmul on ``device`` with TF32 exactly as requested (default off).
 
     Adaptive ODE solvers need the exact fp32 products; torch's global flag might
-    have been switched on by user code, so it is set for the duration and restored.
+    have been switched on by user code, so it is set for the duration and
+    restored (``sparsekern.config.cuda_matmul_precision``).
     """
-    if device.type != "cuda":
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    before = matmul.allow_tf32
-    if before == allow_tf32:
-        yield
-        return
-    matmul.allow_tf32 = allow_tf32
-    try:
-        yield
-    finally:
-        matmul.allow_tf32 = before
+    return cuda_matmul_precision(device, allow_tf32)
 
 
 def next_pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
