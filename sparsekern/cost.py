@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,7 +29,8 @@ REPEATS = 5
 _cache: dict[tuple, str] = {}
 
 
-def _time(fn, device: torch.device) -> float:
+def median_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Median seconds of ``fn()`` over ``REPEATS`` runs after one warm-up (device-synchronised)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     sync()
@@ -66,14 +68,14 @@ def measure_layouts(mask: torch.Tensor, n_batch: int, dtype: torch.dtype, backen
     r, c = mask.shape
     x = torch.randn(c, n_batch, dtype=dtype, device=device)
     w = torch.randn(r, c, dtype=dtype, device=device) * mask
-    out = {"dense": _time(lambda: w @ x, device)}
+    out = {"dense": median_seconds(lambda: w @ x, device)}
     module = _kernels(backend)
     if module is not None:
         p = CSRPattern.from_mask(mask)
         b = BlockedPattern.from_csr(p)
         vals = w[mask]
-        out["csr"] = _time(lambda: module.spmm(*p.tensors(), vals, x, False), device)
-        out["blocked"] = _time(
+        out["csr"] = median_seconds(lambda: module.spmm(*p.tensors(), vals, x, False), device)
+        out["blocked"] = median_seconds(
             lambda: module.spmm_blocked(*p.tensors(), vals, *b.tensors(), x), device
         )
     return out

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import statistics
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from sparsekern.config import SparseConfig, check_dtype
+from sparsekern.cost import median_seconds
 from sparsekern.masks import CompileError
 
 
@@ -33,7 +31,6 @@ def call_arity(f: nn.Module) -> int:
 
 # backend="auto" on a CUDA device without measurement takes the first available of these.
 GPU_RULE_ORDER = ("triton", "cuda")
-MEASURE_REPEATS = 5
 # Devices on which backend="auto" measures the candidates (a module constant for tests).
 MEASURED_DEVICE_TYPES = ("cuda",)
 
@@ -80,20 +77,6 @@ def _auto_backend(device_type: str) -> str:
 def resolve_backend(choice: str, device: torch.device) -> str:
     """The backend that runs on ``device`` for a config's ``backend`` choice (no measuring)."""
     return _auto_backend(device.type) if choice == "auto" else choice
-
-
-def _time(fn: Callable[[], object], device: torch.device) -> float:
-    """Median seconds of ``fn()`` over ``MEASURE_REPEATS`` runs after one warm-up."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(MEASURE_REPEATS):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 class CompiledField(nn.Module):
@@ -214,8 +197,8 @@ class CompiledField(nn.Module):
                 for backend in candidates:
                     self._set_backend(backend)
                     try:
-                        times[backend] = _time(lambda: self.forward_and_divergence(*sample),
-                                               device)
+                        times[backend] = median_seconds(
+                            lambda: self.forward_and_divergence(*sample), device)
                     except Exception as exc:
                         warnings.warn(f"sparsekern: backend {backend!r} failed on "
                                       f"{type(self.source).__name__} while choosing the fastest "
