@@ -112,7 +112,8 @@ def odesolve(
         times: 1-D tensor of at least two increasing or decreasing times.
         solver: a torchdiffeq method name (``SOLVERS``); fixed-step ones need
             ``options={"step_size": h}``.
-        adjoint: backpropagate with the adjoint method (memory O(1) in steps).
+        adjoint: backpropagate with the adjoint method (memory O(1) in steps);
+            its backward solve controls steps on the seminorm (state and adjoint).
 
     Returns:
         The state at times[-1], structured like y0.
@@ -123,8 +124,15 @@ def odesolve(
         raise ValueError(f"fixed-step solver {solver!r} needs options={{'step_size': h}}")
     if adjoint and not isinstance(func, nn.Module):
         raise TypeError("adjoint=True needs func to be an nn.Module (its parameters get adjoints)")
-    integrate = odeint_adjoint if adjoint else odeint
-    ys = integrate(func, y0, times, rtol=rtol, atol=atol, method=solver, options=options)
+    if adjoint:
+        # The backward solve's step control measures the state and its adjoint, not
+        # the parameters' adjoints (torchdiffeq's seminorm): a pruned model's dense
+        # weights carry gradients at pruned places that its compiled twin has no
+        # coordinates for, so the default norm would give the two different steps.
+        ys = odeint_adjoint(func, y0, times, rtol=rtol, atol=atol, method=solver,
+                            options=options, adjoint_options={"norm": "seminorm"})
+    else:
+        ys = odeint(func, y0, times, rtol=rtol, atol=atol, method=solver, options=options)
     if isinstance(ys, tuple):
         return tuple(y[-1] for y in ys)
     return ys[-1]

@@ -107,12 +107,25 @@ class CompiledField(nn.Module):
         super().__init__()
         self.config = config
         self.arity = call_arity(source)
+        first_named = None
         for name, p in source.named_parameters():
-            if p.is_floating_point():
-                try:
-                    check_dtype(p.dtype, f"parameter '{name}' of {type(source).__name__}")
-                except TypeError as exc:
-                    raise CompileError(str(exc)) from None
+            if not p.is_floating_point():
+                continue
+            try:
+                check_dtype(p.dtype, f"parameter '{name}' of {type(source).__name__}")
+            except TypeError as exc:
+                raise CompileError(str(exc)) from None
+            if first_named is None:
+                first_named = (name, p)
+            elif (p.dtype, p.device) != (first_named[1].dtype, first_named[1].device):
+                # One kernel call takes every layer: they must agree, or a product fails
+                # later with a message that names no layer.
+                ref_name, ref = first_named
+                raise CompileError(
+                    f"parameter '{name}' of {type(source).__name__} is {p.dtype} on {p.device}, "
+                    f"but '{ref_name}' is {ref.dtype} on {ref.device}; compile_sparse needs one "
+                    "dtype and device for the whole field (convert it with .to())"
+                )
         self._source = [source]  # not a submodule: its dense parameters are not ours
         first = next(source.parameters(), None)
         self.backend = resolve_backend(
