@@ -273,9 +273,12 @@ inline at::vec::Vectorized<T> vexp(const at::vec::Vectorized<T>& x) {
 template <>
 inline at::vec::Vectorized<float> vexp<float>(const at::vec::Vectorized<float>& v) {
   __m256 x = v;
-  // exp overflows above 88.72 and is 0 below -103.97; the clamps keep 2^n finite
-  // and the result saturates like expf (inf above, 0 far below).
+  // exp overflows above 88.72; below -87.34 it is subnormal, flushed to 0 here
+  // (an absolute error under 1.2e-38). The clamps keep 2^n finite; NaN is put
+  // back at the end (min/max would turn it into a bound).
+  const __m256 in = x;
   const __m256 big = _mm256_cmp_ps(x, _mm256_set1_ps(88.72283905206835f), _CMP_GT_OQ);
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654475055310f), _CMP_LT_OQ);
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654475055310f)),
                     _mm256_set1_ps(88.72283905206835f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -298,7 +301,77 @@ inline at::vec::Vectorized<float> vexp<float>(const at::vec::Vectorized<float>& 
   const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(
       _mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
   const __m256 out = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
-  return _mm256_blendv_ps(out, _mm256_set1_ps(INFINITY), big);
+  const __m256 sat = _mm256_blendv_ps(_mm256_blendv_ps(out, _mm256_set1_ps(INFINITY), big),
+                                      _mm256_setzero_ps(), tiny);
+  return _mm256_blendv_ps(sat, in, _mm256_cmp_ps(in, in, _CMP_UNORD_Q));
+}
+#endif
+
+// softplus and its derivative from one exp: with e = exp(-|a|) in (0, 1],
+// softplus(a) = max(a, 0) + log1p(e) and sigmoid(a) = (a >= 0 ? 1 : e) / (1 + e).
+// Above 20 both are linear, as torch's softplus (sparsekern/activations.py).
+template <typename T>
+inline void vsoftplus_d1(const at::vec::Vectorized<T>& a, at::vec::Vectorized<T>& h,
+                         at::vec::Vectorized<T>& d1) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec one(T(1)), lin = a > Vec(T(20));
+  const Vec e = vexp<T>(at::vec::minimum(a, a.neg()));
+  h = Vec::blendv(at::vec::maximum(a, Vec(T(0))) + e.log1p(), a, lin);
+  d1 = Vec::blendv(Vec::blendv(e, one, a >= Vec(T(0))) / (one + e), one, lin);
+}
+#if defined(CPU_CAPABILITY_AVX2)
+// float: log1p(e) = 2 atanh(s) with s = e / (2 + e) in (0, 1/3], summed as the
+// odd series s + s^3/3 + ... + s^13/13 (the next term is below 2e-8 s), so no
+// out-of-line Sleef log1p, which cost more than the products at 98% sparsity.
+template <>
+inline void vsoftplus_d1<float>(const at::vec::Vectorized<float>& a,
+                                at::vec::Vectorized<float>& h, at::vec::Vectorized<float>& d1) {
+  const __m256 x = a, one = _mm256_set1_ps(1.0f);
+  const __m256 absx = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 e = vexp<float>(at::vec::Vectorized<float>(_mm256_sub_ps(_mm256_setzero_ps(), absx)));
+  const __m256 ope = _mm256_add_ps(one, e);
+  const __m256 s = _mm256_div_ps(e, _mm256_add_ps(ope, one));
+  const __m256 s2 = _mm256_mul_ps(s, s);
+  __m256 p = _mm256_set1_ps(1.0f / 13);
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 11));
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 9));
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 7));
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 5));
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 3));
+  const __m256 l = _mm256_mul_ps(_mm256_set1_ps(2.0f), _mm256_fmadd_ps(_mm256_mul_ps(s, s2), p, s));
+  const __m256 lin = _mm256_cmp_ps(x, _mm256_set1_ps(20.0f), _CMP_GT_OQ);
+  h = _mm256_blendv_ps(_mm256_add_ps(_mm256_max_ps(x, _mm256_setzero_ps()), l), x, lin);
+  const __m256 num = _mm256_blendv_ps(e, one, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
+  d1 = _mm256_blendv_ps(_mm256_div_ps(num, ope), one, lin);
+}
+#endif
+
+// tanh. float on AVX2: (1 - e) / (1 + e) with e = exp(-2|a|), signed, where
+// |a| >= 1/2 (no cancellation there); below, its Taylor series to a^17 (the
+// next term is below 1e-9 |a|). Elsewhere: Vectorized::tanh (Sleef, out of line).
+template <typename T>
+inline at::vec::Vectorized<T> vtanh(const at::vec::Vectorized<T>& a) {
+  return a.tanh();
+}
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline at::vec::Vectorized<float> vtanh<float>(const at::vec::Vectorized<float>& v) {
+  const __m256 x = v, one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  const __m256 absx = _mm256_andnot_ps(sign, x);
+  const __m256 e = vexp<float>(at::vec::Vectorized<float>(_mm256_mul_ps(_mm256_set1_ps(-2.0f), absx)));
+  const __m256 far = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(6404582.0f / 10854718875.0f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-929569.0f / 638512875.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(21844.0f / 6081075.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-1382.0f / 155925.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(62.0f / 2835.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-17.0f / 315.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.0f / 15.0f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-1.0f / 3.0f));
+  const __m256 near = _mm256_fmadd_ps(_mm256_mul_ps(x, z), p, x);
+  const __m256 is_far = _mm256_cmp_ps(absx, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+  return _mm256_blendv_ps(near, _mm256_or_ps(far, _mm256_and_ps(sign, x)), is_far);
 }
 #endif
 
@@ -311,27 +384,29 @@ struct ActVec {
 
   static Vec sigmoid(const Vec& a) { return (Vec(T(1)) + vexp<T>(a.neg())).reciprocal(); }
 
+  // sigma(a) and sigma'(a) = e / (1 + e)^2 from e = exp(-|a|): no overflow, and
+  // sigma' without the cancellation of sigma (1 - sigma) for large |a|.
+  static void sigmoid_d1(const Vec& a, Vec& h, Vec& d1) {
+    const Vec e = vexp<T>(at::vec::minimum(a, a.neg()));
+    const Vec r = (Vec(T(1)) + e).reciprocal();
+    h = Vec::blendv(e * r, r, a >= Vec(T(0)));
+    d1 = e * r * r;
+  }
+
   // h = sigma(a), d1 = sigma'(a); the formulas follow sparsekern/activations.py.
   static void value_d1(int64_t act, const Vec& a, Vec& h, Vec& d1) {
     const Vec one(T(1)), zero(T(0));
     switch (act) {
       case kTanh:
-        h = a.tanh();
+        h = vtanh<T>(a);
         d1 = one - h * h;
         return;
       case kSigmoid:
-        h = sigmoid(a);
-        d1 = h * (one - h);
+        sigmoid_d1(a, h, d1);
         return;
-      case kSoftplus: {
-        // One exp serves both: e = exp(a), h = log1p(e), d1 = e / (1 + e). Above
-        // the threshold e may overflow; blendv takes the linear branch there.
-        const Vec lin = a > Vec(T(20));
-        const Vec e = vexp<T>(a);
-        h = Vec::blendv(e.log1p(), a, lin);
-        d1 = Vec::blendv(e / (one + e), one, lin);
+      case kSoftplus:
+        vsoftplus_d1<T>(a, h, d1);
         return;
-      }
       case kRelu: {
         const Vec pos = a > zero;
         h = at::vec::maximum(a, zero);
@@ -362,7 +437,7 @@ struct ActVec {
     const Vec one(T(1)), zero(T(0)), two(T(2));
     switch (act) {
       case kTanh: {
-        const Vec h = a.tanh();
+        const Vec h = vtanh<T>(a);
         d1 = one - h * h;
         d2 = Vec(T(-2)) * h * d1;
         return;
