@@ -55,7 +55,7 @@ def cuda_matmul_precision(device: torch.device, allow_tf32: bool) -> Iterator[No
     set for the duration and restored. A no-op off CUDA, when the flag already
     has the requested value, and while torch.compile traces (it would break the graph).
     """
-    if device.type != "cuda" or _compiling():
+    if device.type != "cuda" or compiling():
         yield
         return
     matmul = torch.backends.cuda.matmul
@@ -70,7 +70,8 @@ def cuda_matmul_precision(device: torch.device, allow_tf32: bool) -> Iterator[No
         matmul.allow_tf32 = before
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """Whether torch.compile is tracing the current call."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)
     return bool(is_compiling and is_compiling())
 

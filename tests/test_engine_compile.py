@@ -820,3 +820,43 @@ def test_a_plain_compile_warns_about_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compile_sparse(ODEnet(2, (4,)))  # a plain compile warns about nothing
+
+
+@pytest.mark.parametrize("time", ["none", "concat", "concatsquash"])
+def test_no_grad_calls_follow_every_change_of_the_kept_values_and_of_t(time):
+    # Without a graph to record, the fused tier reuses the op's weights between
+    # calls; each way of changing a kept value, and a new t, must still show.
+    net = _pruned_odenet(3, (16, 16), time, "tanh", 0.5, torch.float64, seed=3)
+    fast = compile_sparse(net)
+    assert isinstance(fast, FusedMLP)
+    z = torch.randn(9, 3, dtype=torch.float64)
+    noise = torch.randn(9, 3, dtype=torch.float64)
+
+    def dense_at(t):
+        write_back(fast)
+        zz, out, hutch, _ = _dense_reference(net, t, z, noise)
+        return out.detach(), hutch.detach()
+
+    def check(t):
+        with torch.no_grad():
+            f, div = fast.forward_and_divergence(t, z, noise)
+            f_only = fast(t, z)
+        ref_f, ref_div = dense_at(t)
+        assert_close(f, ref_f, torch.float64, what="f")
+        assert_close(f_only, ref_f, torch.float64, what="f alone")
+        assert_close(div, ref_div, torch.float64, what="divergence")
+
+    t0, t1 = torch.tensor(0.2, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64)
+    check(t0)
+    check(t1)  # a new t (no effect for time "none")
+    opt = torch.optim.SGD(fast.parameters(), lr=0.5)
+    f, div = fast.forward_and_divergence(t1, z, noise)
+    (f.square().sum() + div.sum()).backward()
+    opt.step()  # in-place update of every kept value
+    check(t1)
+    state = {k: v * 1.5 for k, v in fast.state_dict().items()}
+    fast.load_state_dict(state)
+    check(t0)
+    with torch.no_grad():
+        next(fast.parameters()).mul_(-1.0)
+    check(t0)
