@@ -190,7 +190,7 @@ def test_readme_documents_every_row_field():
 
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = ROOT / "bench" / "results" / "cpu-amd-epyc-2t" / "results.json"
+COMMITTED = ROOT / "bench" / "results" / "cpu-intel-xeon-2t" / "results.json"
 
 
 def _readme_performance_table(readme: str) -> str:
