@@ -37,12 +37,21 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, facto
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
 
 
+def contract_tol(dtype: torch.dtype, ref_err: float, forward: bool = False) -> float:
+    """The engine contract's tolerance on a relative error. float64: F64_F_TOL for f
+    (``forward``), F64_TOL for everything else. float32, errors against a float64 truth:
+    F32_TOL for f, else max(F32_TOL, 2 x ``ref_err``, the float32 reference's own error)."""
+    if dtype == torch.float64:
+        return F64_F_TOL if forward else F64_TOL
+    return F32_TOL if forward else max(F32_TOL, 2 * ref_err)
+
+
 def assert_as_accurate(got: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor,
                        what: str = "") -> None:
     """float32 ``got`` is as accurate as the float32 reference ``ref`` it replaces: its error
     against the float64 ``truth`` is at most max(F32_TOL, 2 x the error of ``ref``)."""
     err, ref_err = rel_err(got, truth), rel_err(ref, truth)
-    tol = max(F32_TOL, 2 * ref_err)
+    tol = contract_tol(torch.float32, ref_err)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g} (reference: {ref_err:.3g})"
 
 

@@ -11,12 +11,11 @@ import torch
 from engine_helpers import (
     DENSITIES,
     DEVICE,
-    F32_TOL,
-    F64_F_TOL,
     F64_TOL,
     assert_as_accurate,
     assert_close,
     compiled_grads,
+    contract_tol,
     dense_grads,
     randn,
     random_mask,
@@ -157,10 +156,7 @@ def _check_field(net, fast, t, z, noise):
     """
     dtype = z.dtype
     for key, (err, dense_err) in _field_errors(net, fast, t, z, noise).items():
-        if dtype == torch.float64:
-            tol = F64_F_TOL if key.startswith("f ") else F64_TOL
-        else:
-            tol = F32_TOL if key.startswith("f ") else max(F32_TOL, 2 * dense_err)
+        tol = contract_tol(dtype, dense_err, forward=key.startswith("f "))
         assert err <= tol, (f"{key}: relative error {err:.3g} > {tol:.3g} "
                             f"(dense {dtype} model: {dense_err:.3g})")
 

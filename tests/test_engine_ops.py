@@ -10,11 +10,9 @@ from engine_helpers import (
     BACKENDS,
     DENSITIES,
     DEVICE,
-    F32_TOL,
-    F64_F_TOL,
-    F64_TOL,
     FAST_BACKENDS,
     assert_close,
+    contract_tol,
     random_mask,
     rel_err,
 )
@@ -349,11 +347,11 @@ def _check_accuracy(what, got, ref, truth, forward=False):
     the reference; float32 f within F32_TOL of the float64 truth, everything else at most
     max(F32_TOL, 2 x the float32 reference's own error) from it."""
     if got.dtype == torch.float64:
-        err, tol = rel_err(got, ref), (F64_F_TOL if forward else F64_TOL)
+        err, tol = rel_err(got, ref), contract_tol(torch.float64, 0.0, forward)
         assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.1g}"
         return
     err, ref_err = rel_err(got, truth), rel_err(ref, truth)
-    tol = F32_TOL if forward else max(F32_TOL, 2 * ref_err)
+    tol = contract_tol(torch.float32, ref_err, forward)
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g} (reference {ref_err:.3g})"
 
 
