@@ -31,6 +31,10 @@ training), not under no_grad (evaluation).
 - ``sparsekern_<backend>`` (cpu, triton, cuda, ref): the same with that backend
   forced; ``sparsekern_dense`` / ``_csr`` / ``_blocked``: layout forced;
   ``sparsekern_generic``: the generic tier (autograd divergence through sparse ops).
+- ``sparsekern_bf16`` / ``_fp16``: ``SparseConfig(precision=...)``, products on
+  bf16/fp16 operands with float32 accumulation (Triton tensor cores; CUDA
+  only). Not exact: their outputs are checked against the looser
+  ``REDUCED_REL_ERR`` bound, and their solves may take other steps.
 """
 
 from __future__ import annotations
@@ -428,17 +432,25 @@ def _sparsekern_backend_reason(backend: str, device: torch.device) -> str | None
 
 
 class Sparsekern(Provider):
-    """compile_sparse with a given backend, layout and tier."""
+    """compile_sparse with a given backend, layout, tier and product precision."""
 
     def __init__(self, name: str, backend: str = "auto", layout: str = "auto",
-                 tier: str = "auto", description: str = "") -> None:
+                 tier: str = "auto", description: str = "", precision: str = "ieee") -> None:
         self.name = name
         self.backend = backend
         self.layout = layout
         self.tier = tier
         self.description = description
+        self.precision = precision
 
     def unavailable(self, device: torch.device) -> str | None:
+        from sparsekern.precision import is_reduced
+
+        if is_reduced(self.precision):
+            # Elsewhere "auto" would run the reference's rounding: a check, not a peer.
+            if device.type != "cuda":
+                return f"{self.precision} products have kernels on CUDA only (Triton)"
+            return _sparsekern_backend_reason("triton", device)
         return None if self.backend == "auto" else _sparsekern_backend_reason(self.backend,
                                                                                device)
 
@@ -446,7 +458,7 @@ class Sparsekern(Provider):
         from sparsekern import SparseConfig
 
         return SparseConfig(backend=self.backend, layout=self.layout, tier=self.tier,
-                            batch_hint=batch)
+                            batch_hint=batch, precision=self.precision)
 
     def prepare(self, net: nn.Module, batch: int) -> Prepared:
         from sparsekern import compile_sparse
@@ -454,7 +466,7 @@ class Sparsekern(Provider):
 
         fast = compile_sparse(net, self.config(batch))
         info: dict[str, object] = {
-            "backend": fast.backend, "tier": fast.tier,
+            "backend": fast.backend, "tier": fast.tier, "precision": self.precision,
             "layouts": [m.layout for m in fast.modules() if isinstance(m, CoreMatrix)],
         }
         div = "fused" if fast.tier == "fused" else "autograd"
@@ -469,6 +481,8 @@ class Sparsekern(Provider):
 # --------------------------------------------------------------------------- registry
 
 MAIN_PROVIDERS = ("dense_eager", "torch_compile", "torch_csr", "sparsekern")
+# Providers whose products are not exact float32, and their precision.
+REDUCED_PROVIDERS = {"sparsekern_bf16": "bf16", "sparsekern_fp16": "fp16"}
 
 
 def make_providers(compile_backend: str = "inductor") -> dict[str, Provider]:
@@ -488,6 +502,10 @@ def make_providers(compile_backend: str = "inductor") -> dict[str, Provider]:
                                     description=f"compile_sparse, layout {layout!r} forced"))
     providers.append(Sparsekern("sparsekern_generic", tier="generic",
                                 description="compile_sparse, generic tier (autograd divergence)"))
+    for precision in REDUCED_PROVIDERS.values():
+        providers.append(Sparsekern(
+            f"sparsekern_{precision}", precision=precision,
+            description=f"compile_sparse, {precision} product operands, float32 accumulation"))
     return {p.name: p for p in providers}
 
 
@@ -499,12 +517,13 @@ def auto_backend(device: torch.device) -> str:
 
 
 def default_providers(device: torch.device, registry: dict[str, Provider]) -> list[str]:
-    """The main providers, torch_bsr where it runs, and each compiled sparsekern backend
+    """The main providers, torch_bsr where it runs, each compiled sparsekern backend
     that runs here and that "auto" does not already pick (on a GPU: triton is auto, cuda
-    is added)."""
+    is added), and the bf16/fp16 providers where they run (a GPU)."""
     names = list(MAIN_PROVIDERS)
-    if "torch_bsr" in registry and registry["torch_bsr"].unavailable(device) is None:
-        names.append("torch_bsr")
+    for name in ("torch_bsr", *REDUCED_PROVIDERS):
+        if name in registry and registry[name].unavailable(device) is None:
+            names.append(name)
     auto = auto_backend(device)
     for backend in ("cpu", "triton", "cuda"):
         name = f"sparsekern_{backend}"

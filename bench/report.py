@@ -26,6 +26,8 @@ PLOT_METRICS = ("f", "f_div", "train_step", "solve")
 # Relative error beyond which a provider's outputs are flagged (fp32 rounding through
 # a few layers and a reduction stays far below; a wrong kernel does not).
 REL_ERR_FLAG = {"float32": 1e-3, "float64": 1e-8}
+# The same for providers with bf16/fp16 product operands: a few units of their rounding.
+REDUCED_REL_ERR = {"bf16": 3e-2, "fp16": 4e-3}
 NFE_TOLERANCE = 0.02
 
 
@@ -324,11 +326,13 @@ def consistency_problems(rows: list[Row]) -> list[str]:
     for r in rows:
         if r["error"] or r["metric"] == "roofline":
             continue
-        tol = REL_ERR_FLAG.get(r.get("dtype") or "float32", 1e-3)
+        reduced = REDUCED_REL_ERR.get(r.get("precision") or "ieee")
+        tol = reduced or REL_ERR_FLAG.get(r.get("dtype") or "float32", 1e-3)
         if r["rel_err"] is not None and r["rel_err"] > tol:
             problems.append(f"{r['case']} {r['provider']} {r['metric']}: outputs differ from "
                             f"dense_eager by {r['rel_err']:.2e} (relative)")
-        if r["metric"] == "solve" and r["provider"] != "dense_eager":
+        # Rounded products change the step sizes an adaptive solve takes, legitimately.
+        if r["metric"] == "solve" and r["provider"] != "dense_eager" and not reduced:
             base = idx.get((r["case"], "dense_eager", "solve"))
             if base and base["nfe"] and r["nfe"] is not None and (
                     abs(r["nfe"] - base["nfe"]) > NFE_TOLERANCE * base["nfe"]):

@@ -171,6 +171,7 @@ class CaseRunner:
                     row["div_impl"] = prepared.div_impl.get(metric)
                     row["backend"] = prepared.info.get("backend")
                     row["layouts"] = prepared.info.get("layouts")
+                    row["precision"] = prepared.info.get("precision")
                 if prep_error is not None and metric != "solve":
                     row["error"] = prep_error
                 else:

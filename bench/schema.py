@@ -49,6 +49,8 @@ ROW_FIELDS: dict[str, str] = {
     "div_impl": 'how the divergence is computed ("autograd", "jvp", "vjp", "fused", ...)',
     "backend": "sparsekern: the backend it ran on (auto resolved); null for the others",
     "layouts": "sparsekern: per-layer layout of block 0 (dense / csr / blocked); null otherwise",
+    "precision": 'sparsekern: the product precision (SparseConfig.precision: "ieee", or "bf16" '
+                 '/ "fp16" for sparsekern_bf16 / _fp16); null for the others',
     "batch": "batch size of the measurement",
     "dtype": '"float32" or "float64"',
     "device": '"cpu", "cuda" or "cuda:<i>"',

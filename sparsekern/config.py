@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsekern.precision import check_precision, is_reduced
+
 LAYOUTS = ("auto", "dense", "csr", "blocked")
 BACKEND_CHOICES = ("auto", "ref", "cpu", "triton", "cuda")
 TIERS = ("auto", "fused", "generic")
 FALLBACKS = ("error", "eager")
-# Element types every backend computes in. Reduced precision (bf16/fp16) has no kernels.
+# Element types models and states may hold. bf16/fp16 exist only as the operand precision
+# of products (SparseConfig.precision), never as the type of a model.
 DTYPES = (torch.float32, torch.float64)
 # The default of SparseConfig.backend when set: a process-wide override, e.g. to run the
 # whole test suite with one backend forced on a GPU.
@@ -40,9 +43,9 @@ def check_dtype(dtype: torch.dtype, what: str) -> None:
     if dtype not in DTYPES:
         names = " and ".join(str(d).removeprefix("torch.") for d in DTYPES)
         raise TypeError(
-            f"{what} is {dtype}; sparsekern computes in {names} only (there are no "
-            f"bfloat16/float16 kernels, and SparseConfig.allow_tf32 is the only reduced-"
-            f"precision option); convert the model with .float() or .double() first"
+            f"{what} is {dtype}; sparsekern models hold {names} only (for bfloat16/float16 "
+            f"products keep the model float32 and set SparseConfig(precision='bf16' or "
+            f"'fp16')); convert the model with .float() or .double() first"
         )
 
 
@@ -104,15 +107,17 @@ class SparseConfig:
             near tie may go either way from run to run); False picks by a
             density rule alone, so the same masks always give the same layouts
             and bit-identical results (the pipeline's resumable runs use this).
-        allow_tf32: let GPU kernels use TF32 products for float32 (the Triton
-            kernels' ``tl.dot`` input precision "tf32" instead of "ieee", and
-            cuBLAS products with TF32 on). Default off: exact fp32 products,
-            whatever torch's global TF32 flag says, because adaptive solvers
-            need the accuracy.
+        precision: the fused tier's products (``sparsekern.precision``).
+            "ieee" (default): exact float32, whatever torch's global TF32 flag
+            says, because adaptive solvers need the accuracy. "tf32": GPU
+            kernels may use TF32 tensor cores for float32. "bf16" / "fp16":
+            product operands rounded to bfloat16 / float16, float32
+            accumulation, everything else float32; for float32 models on the
+            "triton" backend (tensor cores) or "ref" (the same rounding, for
+            testing); "auto" picks those, and the generic tier refuses them.
 
-    Models must hold float32 or float64 parameters (``DTYPES``): there are no
-    bfloat16/float16 kernels, and compile_sparse says so rather than compute
-    in another precision.
+    Models must hold float32 or float64 parameters (``DTYPES``); reduced
+    precision is a property of the products, never of the model.
     """
 
     layout: str = "auto"
@@ -122,7 +127,7 @@ class SparseConfig:
     reduce_neurons: bool = True
     batch_hint: int = 1024
     autotune: bool = True
-    allow_tf32: bool = False
+    precision: str = "ieee"
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -135,7 +140,13 @@ class SparseConfig:
                 raise ValueError(
                     f"SparseConfig.{name}={getattr(self, name)!r}; expected one of {allowed}"
                 )
-        if not isinstance(self.allow_tf32, bool):
-            raise TypeError(f"SparseConfig.allow_tf32 must be a bool, got {self.allow_tf32!r}")
+        check_precision(self.precision, "SparseConfig.precision")
+        if is_reduced(self.precision) and self.backend in ("cpu", "cuda"):
+            raise ValueError(
+                f"SparseConfig(precision={self.precision!r}, backend={self.backend!r}): the "
+                f"{self.backend} kernels compute exact float32 products; {self.precision} "
+                f"products run on backend 'triton' (tensor cores) or 'ref' (the same rounding, "
+                f"for testing), or leave backend='auto'"
+            )
         if self.batch_hint < 1:
             raise ValueError(f"SparseConfig.batch_hint must be >= 1, got {self.batch_hint}")

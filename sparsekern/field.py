@@ -12,6 +12,7 @@ from torch import nn
 from sparsekern.config import SparseConfig, check_dtype
 from sparsekern.cost import median_seconds
 from sparsekern.masks import CompileError
+from sparsekern.precision import REDUCED_BACKENDS, is_reduced
 
 
 def call_arity(f: nn.Module) -> int:
@@ -38,23 +39,30 @@ MEASURED_DEVICE_TYPES = ("cuda",)
 _measured: dict[tuple, str] = {}
 
 
-def gpu_backends() -> list[str]:
-    """The GPU backends "auto" may pick here, in ``GPU_RULE_ORDER``.
+def gpu_backends(precision: str = "ieee") -> list[str]:
+    """The GPU backends "auto" may pick here for ``precision``, in ``GPU_RULE_ORDER``.
 
     "triton" when triton imports and CUDA is available; "cuda" when the CUDA
     extension is already built or loaded (``sparsekern.backends.cuda.is_built``):
-    "auto" never starts a minutes-long nvcc build, backend="cuda" does.
+    "auto" never starts a minutes-long nvcc build, backend="cuda" does. For
+    bf16/fp16 only the backends with such products (``REDUCED_BACKENDS``).
     """
     from sparsekern import triton as triton_backend
     from sparsekern.backends import cuda
 
     found = {"triton": triton_backend.available(), "cuda": cuda.is_built() and cuda.available()}
-    return [b for b in GPU_RULE_ORDER if found[b]]
+    return [b for b in GPU_RULE_ORDER
+            if found[b] and (not is_reduced(precision) or b in REDUCED_BACKENDS)]
 
 
 @functools.cache
-def _auto_backend(device_type: str) -> str:
+def _auto_backend(device_type: str, precision: str = "ieee") -> str:
     """The backend "auto" resolves to on a device type without measuring (warns on fallback)."""
+    if is_reduced(precision) and device_type != "cuda":
+        warnings.warn(f"sparsekern: precision={precision!r} products have kernels on CUDA "
+                      f"(Triton); on {device_type} the plain PyTorch reference backend rounds "
+                      "them the same way (correct, not fast)", stacklevel=3)
+        return "ref"
     if device_type == "cpu":
         from sparsekern.backends import cpu
 
@@ -64,19 +72,30 @@ def _auto_backend(device_type: str) -> str:
                       "PyTorch reference backend (correct, not fast)", stacklevel=3)
         return "ref"
     if device_type == "cuda":
-        found = gpu_backends()
+        found = gpu_backends(precision)
         if found:
             return found[0]
-        warnings.warn("sparsekern: no GPU backend is available (triton does not import, and the "
-                      "CUDA extension is not built: backend='cuda' builds it); running the plain "
-                      "PyTorch reference backend on the GPU (correct, not fast)", stacklevel=3)
+        needs = "triton does not import" if is_reduced(precision) else (
+            "triton does not import, and the CUDA extension is not built: backend='cuda' "
+            "builds it")
+        warnings.warn(f"sparsekern: no GPU backend for precision={precision!r} is available "
+                      f"({needs}); running the plain PyTorch reference backend on the GPU "
+                      "(correct, not fast)", stacklevel=3)
         return "ref"
     return "ref"
 
 
-def resolve_backend(choice: str, device: torch.device) -> str:
+def resolve_backend(choice: str, device: torch.device, precision: str = "ieee") -> str:
     """The backend that runs on ``device`` for a config's ``backend`` choice (no measuring)."""
-    return _auto_backend(device.type) if choice == "auto" else choice
+    return _auto_backend(device.type, precision) if choice == "auto" else choice
+
+
+def check_precision_dtype(precision: str, dtype: torch.dtype, what: str) -> None:
+    """Raise a TypeError unless ``precision`` can round products of ``what`` (``dtype``)."""
+    if is_reduced(precision) and dtype != torch.float32:
+        raise TypeError(f"{what} is {dtype}; SparseConfig.precision={precision!r} rounds the "
+                        "products of float32 models (keep the model float32, or use "
+                        "precision='ieee')")
 
 
 class CompiledField(nn.Module):
@@ -112,7 +131,9 @@ class CompiledField(nn.Module):
             if not p.is_floating_point():
                 continue
             try:
-                check_dtype(p.dtype, f"parameter '{name}' of {type(source).__name__}")
+                what = f"parameter '{name}' of {type(source).__name__}"
+                check_dtype(p.dtype, what)
+                check_precision_dtype(config.precision, p.dtype, what)
             except TypeError as exc:
                 raise CompileError(str(exc)) from None
             if first_named is None:
@@ -129,7 +150,8 @@ class CompiledField(nn.Module):
         self._source = [source]  # not a submodule: its dense parameters are not ours
         first = next(source.parameters(), None)
         self.backend = resolve_backend(
-            config.backend, first.device if first is not None else torch.device("cpu")
+            config.backend, first.device if first is not None else torch.device("cpu"),
+            config.precision,
         )
 
     @property
@@ -153,13 +175,15 @@ class CompiledField(nn.Module):
             except Exception:  # not a conversion we can predict: let torch's own run decide
                 probe = None
             if isinstance(probe, torch.Tensor) and probe.is_floating_point():
-                check_dtype(probe.dtype, f"the dtype this converts the compiled "
-                                         f"{type(self.source).__name__} to")
+                what = f"the dtype this converts the compiled {type(self.source).__name__} to"
+                check_dtype(probe.dtype, what)
+                check_precision_dtype(self.config.precision, probe.dtype, what)
         before = None if first is None else (first.device, first.dtype)
         out = super()._apply(fn, recurse)
         first = next(self.parameters(), None)
         if first is not None and (first.device, first.dtype) != before:
-            self._set_backend(resolve_backend(self.config.backend, first.device))
+            self._set_backend(resolve_backend(self.config.backend, first.device,
+                                              self.config.precision))
             self.select_backend()
         return out
 
@@ -193,7 +217,7 @@ class CompiledField(nn.Module):
         if (self.config.backend != "auto" or not self.config.autotune or first is None
                 or first.device.type not in MEASURED_DEVICE_TYPES):
             return self.backend
-        candidates = tuple(gpu_backends())
+        candidates = tuple(gpu_backends(self.config.precision))
         key = self._backend_key()
         if len(candidates) < 2 or key is None:
             return self.backend

@@ -37,6 +37,7 @@ from sparsekern.cost import choose_layout
 from sparsekern.field import CompiledField
 from sparsekern.linear import CoreMatrix, KeptTensor
 from sparsekern.masks import MaskedTensor, masked_tensor
+from sparsekern.precision import cublas_may_use_tf32, round_operand
 
 
 @dataclass
@@ -268,7 +269,7 @@ class FusedMLP(CompiledField):
         cores = tuple((layer.core.layout, layer.core.n_rows, layer.core.n_cols, layer.core.nnz,
                        layer.time) for layer in self.layers)
         return ("fused", self.act, self.in_dim, self.layers[0].weight.values.dtype,
-                self.config.allow_tf32, cores)
+                self.config.precision, cores)
 
     def _sample_call(self, batch: int, generator: torch.Generator
                      ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -369,7 +370,7 @@ class FusedMLP(CompiledField):
             probe = noise.t().contiguous()[None]
             tan0 = probe if self.all_cols0 else probe.index_select(1, self.cols0)
         f, div, _ = ops.mlp_fwd(x0, tan0, probe, weights, scales, shifts, self.layouts,
-                                self.act_id, exact, save, self.backend, self.config.allow_tf32)
+                                self.act_id, exact, save, self.backend, self.config.precision)
         return f.t().contiguous(), div
 
     def _run_graph(self, t, z) -> torch.Tensor:
@@ -377,11 +378,14 @@ class FusedMLP(CompiledField):
         backend = self.backend
         act = ACT_FNS[self.act]
         program = self._program(t, z)
-        # Dense cores multiply with torch's matmul: TF32 as configured (its backward
-        # runs later, under the caller's setting; the sparse ops are exact either way).
-        with cuda_matmul_precision(z.device, self.config.allow_tf32):
+        # The op's products: bf16/fp16 operands rounded as it rounds them; dense cores
+        # multiply with torch's matmul, TF32 as configured (its backward runs later,
+        # under the caller's setting; the sparse ops are exact either way).
+        precision = self.config.precision
+        with cuda_matmul_precision(z.device, cublas_may_use_tf32(precision)):
             for i, (layer, scale, shift) in enumerate(program):
-                m = layer.core.matmul(layer.weight.values, h, backend)
+                m = layer.core.matmul(round_operand(layer.weight.values, precision),
+                                      round_operand(h, precision), backend)
                 a = (m if scale is None else scale[:, None] * m) + shift[:, None]
                 h = act(a) if i + 1 < len(program) else a
         return h.t()

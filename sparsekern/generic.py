@@ -24,11 +24,12 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from sparsekern.config import SparseConfig
+from sparsekern.config import SparseConfig, cuda_matmul_precision
 from sparsekern.cost import choose_layout
 from sparsekern.field import CompiledField
 from sparsekern.linear import SparseLinear
 from sparsekern.masks import CompileError, masked_tensor
+from sparsekern.precision import is_reduced, uses_tf32
 
 
 def _is_pruned(module: nn.Module) -> bool:
@@ -76,6 +77,14 @@ class GenericField(CompiledField):
     tier = "generic"
 
     def __init__(self, source: nn.Module, config: SparseConfig) -> None:
+        if is_reduced(config.precision):
+            # Computing exactly instead would quietly ignore what was asked for.
+            raise CompileError(
+                f"SparseConfig.precision={config.precision!r} rounds the products of the fused "
+                f"tier (recognised MLPs: flows.ODEnet, nn.Sequential chains); "
+                f"{type(source).__name__} compiles to the generic tier, whose products are "
+                "exact float32: use precision='ieee' (or 'tf32')"
+            )
         super().__init__(source, config)
         self.sparse: dict[str, SparseLinear] = {}
         self.eager_ops: list[str] = []
@@ -240,7 +249,9 @@ class GenericField(CompiledField):
         _, z = self._split_args(args)
         if self._like.numel():
             self.check_input(z, self._like)
-        return self.module(*args)
+        # Dense cores and eager ops multiply with torch's matmul: TF32 only if configured.
+        with cuda_matmul_precision(z.device, uses_tf32(self.config.precision)):
+            return self.module(*args)
 
     def forward_and_divergence(
         self, t: torch.Tensor | None, z: torch.Tensor, noise: torch.Tensor | None = None
@@ -248,8 +259,9 @@ class GenericField(CompiledField):
         from flows.divergence import divergence_exact, divergence_hutchinson
 
         create_graph = torch.is_grad_enabled()
-        args = (z,) if self.arity == 1 else (t, z)
-        with torch.enable_grad():
+        # The divergence's own products (autograd through the field) under the same rule.
+        with torch.enable_grad(), cuda_matmul_precision(z.device,
+                                                        uses_tf32(self.config.precision)):
             zz = z if z.requires_grad else z.detach().requires_grad_(True)
             args = (zz,) if self.arity == 1 else (t, zz)
             dz = self(*args)

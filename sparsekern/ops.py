@@ -12,11 +12,12 @@ under ``torch.compile`` without graph breaks, and an autograd formula:
   differentiable once, through the hand-written ``mlp_bwd``.
 
 Precision: ``spmm``, ``spmm_blocked`` and ``sddmm`` are plain multiply-adds in
-every backend (exact IEEE). ``mlp_fwd`` / ``mlp_bwd`` take ``allow_tf32``
-(``SparseConfig.allow_tf32``, default False): the Triton and CUDA backends
-receive it (Triton: ``tl.dot`` input precision "tf32" instead of "ieee"; both:
-cuBLAS with TF32 on or off for their dense products), and "ref" on CUDA runs
-its products with torch's TF32 flag set to it for the call.
+every backend (exact IEEE). ``mlp_fwd`` / ``mlp_bwd`` take ``precision``
+(``SparseConfig.precision``, ``sparsekern.precision``; default "ieee"): Triton
+receives it (``tl.dot`` on TF32, bf16 or fp16 operands, or IEEE fp32), CUDA as
+TF32 on or off for its cuBLAS products, and "ref" rounds its product operands
+for bf16/fp16 and runs on CUDA with torch's TF32 flag set for the call. The
+"cpu" and "cuda" kernels have no bf16/fp16 products and refuse them.
 
 Tensors are feature-major (see ``sparsekern.ref``).
 """
@@ -32,6 +33,13 @@ from torch import Tensor
 from sparsekern import ref
 from sparsekern.config import cuda_matmul_precision
 from sparsekern.formats import LAYOUT_BLOCKED, LAYOUT_CSR, LAYOUT_DENSE, split_weights
+from sparsekern.precision import (
+    REDUCED_BACKENDS,
+    check_precision,
+    cublas_may_use_tf32,
+    is_reduced,
+    uses_tf32,
+)
 
 BACKENDS = ("ref", "cpu", "triton", "cuda")
 
@@ -75,17 +83,21 @@ def _kernel(name: str, backend: str, device: torch.device) -> Callable[..., Any]
     return getattr(module, _REF_NAMES[name] if backend == "ref" else name)
 
 
-# Backends whose MLP entry points take ``allow_tf32`` (a keyword argument).
-_TF32_AWARE = ("triton", "cuda")
-
-
-def _run_mlp(name: str, backend: str, device: torch.device, allow_tf32: bool, *args: Any) -> Any:
-    """Run the MLP kernel ``name`` of ``backend`` with the requested fp32 product precision."""
+def _run_mlp(name: str, backend: str, device: torch.device, precision: str, *args: Any) -> Any:
+    """Run the MLP kernel ``name`` of ``backend`` with the requested product precision."""
+    check_precision(precision, f"sparsekern::{name} precision")
+    if is_reduced(precision) and backend not in REDUCED_BACKENDS:
+        raise ValueError(f"sparsekern::{name}: backend {backend!r} has no {precision} products "
+                         f"(exact float32 only); use one of {REDUCED_BACKENDS} or "
+                         "precision='ieee'")
     fn = _kernel(name, backend, device)
-    if backend in _TF32_AWARE:
-        return fn(*args, allow_tf32=allow_tf32)
-    with cuda_matmul_precision(device, allow_tf32):
-        return fn(*args)
+    if backend == "triton":
+        return fn(*args, precision=precision)
+    if backend == "cuda":
+        return fn(*args, allow_tf32=uses_tf32(precision))
+    # "ref" rounds bf16/fp16 operands itself and leaves TF32 to torch's flag; "cpu" is exact.
+    with cuda_matmul_precision(device, cublas_may_use_tf32(precision)):
+        return fn(*args, precision=precision) if backend == "ref" else fn(*args)
 
 
 # --------------------------------------------------------------------------- spmm
@@ -265,15 +277,15 @@ def mlp_fwd(
     exact: bool,
     save: bool,
     backend: str,
-    allow_tf32: bool = False,
+    precision: str = "ieee",
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The fused forward + JVP program of an MLP (``sparsekern.ref.mlp_fwd_ref``).
 
     Returns f [d, B], div [B] and, with ``save``, the activations the backward
     needs. Differentiable once (w.r.t. x0, the weights, scales and shifts).
-    ``allow_tf32``: TF32 products for float32 on GPU backends (default exact).
+    ``precision``: the products' precision (``sparsekern.precision``; default exact).
     """
-    return _run_mlp("mlp_fwd", backend, x0.device, allow_tf32, x0.contiguous(),
+    return _run_mlp("mlp_fwd", backend, x0.device, precision, x0.contiguous(),
                     tan0.contiguous(), probe.contiguous(), weights, scales, shifts, layouts, act,
                     exact, save)
 
@@ -290,7 +302,7 @@ def _mlp_widths(x0: Tensor, weights: list[Tensor], layouts: list[int]) -> list[i
 
 @mlp_fwd.register_fake
 def _mlp_fwd_fake(x0, tan0, probe, weights, scales, shifts, layouts, act, exact, save, backend,
-                  allow_tf32=False):
+                  precision="ieee"):
     widths = _mlp_widths(x0, weights, layouts)
     b = x0.shape[1]
     cols = (1 + tan0.shape[0]) * b
@@ -304,13 +316,13 @@ def _mlp_fwd_fake(x0, tan0, probe, weights, scales, shifts, layouts, act, exact,
 
 
 def _mlp_setup(ctx, inputs, output):
-    # Some torch versions pass the defaulted allow_tf32 along, others not.
+    # Some torch versions pass the defaulted precision along, others not.
     x0, tan0, probe, weights, scales, shifts, layouts, act, exact, save, backend, *rest = inputs
     _, _, saved = output
     ctx.counts = (len(weights), len(scales), len(shifts), len(saved))
     ctx.save_for_backward(x0, tan0, probe, *weights, *scales, *shifts, *saved)
     ctx.layouts, ctx.act, ctx.exact, ctx.save, ctx.backend = layouts, act, exact, save, backend
-    ctx.allow_tf32 = bool(rest[0]) if rest else False
+    ctx.precision = rest[0] if rest else "ieee"
 
 
 def _mlp_backward(ctx, grad_f, grad_div, grad_saved):
@@ -336,7 +348,7 @@ def _mlp_backward(ctx, grad_f, grad_div, grad_saved):
     grad_div = x0.new_zeros((b,)) if grad_div is None else grad_div
     g_x, g_w, g_s, g_h = mlp_bwd(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts,
                                  ctx.layouts, ctx.act, ctx.exact, saved, ctx.backend,
-                                 ctx.allow_tf32)
+                                 ctx.precision)
     grad_weights: list[Tensor | None] = []
     for code, g in zip(ctx.layouts, g_w, strict=True):
         # Index tensors get no gradient: [W] dense, [5 x idx, vals] CSR, + [3 x idx] blocked.
@@ -345,7 +357,7 @@ def _mlp_backward(ctx, grad_f, grad_div, grad_saved):
             grad_weights += [None] * 3
     grad_scales = [g if s.numel() else None for g, s in zip(g_s, scales, strict=True)]
     grads = (g_x, None, None, grad_weights, grad_scales, list(g_h), None, None, None, None, None)
-    # One gradient per argument the call passed: the dispatcher drops allow_tf32 when it
+    # One gradient per argument the call passed: the dispatcher drops precision when it
     # has its default value, so the op was applied to 11 or 12 arguments.
     return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
@@ -368,17 +380,17 @@ def mlp_bwd(
     exact: bool,
     saved: list[Tensor],
     backend: str,
-    allow_tf32: bool = False,
+    precision: str = "ieee",
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    """Reverse mode of ``mlp_fwd`` (``sparsekern.ref.mlp_bwd_ref``); ``allow_tf32`` as there."""
-    return _run_mlp("mlp_bwd", backend, x0.device, allow_tf32, grad_f.contiguous(),
+    """Reverse mode of ``mlp_fwd`` (``sparsekern.ref.mlp_bwd_ref``); ``precision`` as there."""
+    return _run_mlp("mlp_bwd", backend, x0.device, precision, grad_f.contiguous(),
                     grad_div.contiguous(), x0.contiguous(), tan0.contiguous(), probe.contiguous(),
                     weights, scales, shifts, layouts, act, exact, saved)
 
 
 @mlp_bwd.register_fake
 def _mlp_bwd_fake(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts, layouts, act,
-                  exact, saved, backend, allow_tf32=False):
+                  exact, saved, backend, precision="ieee"):
     # The kernels return fresh contiguous tensors, whatever the inputs' strides.
     g_w = []
     for layer in split_weights(weights, layouts):

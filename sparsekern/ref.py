@@ -13,6 +13,10 @@ The fused program, for layers l = 1..L (sigma only for l < L):
     f = X_L[:, :B],  div_b = sum_k <probe_k[:, b], X_L[:, B k : B (k+1)][:, b]>
 With probe = tangents this is the Hutchinson estimate e^T (df/dz) e; with unit
 tangents (``exact``) the trace of df/dz.
+
+With ``precision`` "bf16" or "fp16" both operands of every product (W_l X_{l-1}
+forward, W_l^T Mbar_l and Mbar_l X_{l-1}^T backward) are rounded first
+(``sparsekern.precision.round_operand``); the rest stays in the input dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from sparsekern.activations import act_ref
 from sparsekern.formats import BlockedPattern, CSRPattern, split_weights
+from sparsekern.precision import check_precision, round_operand
 
 
 def spmm_ref(
@@ -75,10 +80,13 @@ def sddmm_ref(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch
     return (a[rows] * b[col.long()]).sum(1)
 
 
-def _layer_matmul(layer, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+def _layer_matmul(layer, x: torch.Tensor, transpose: bool = False, precision: str = "ieee"
+                  ) -> torch.Tensor:
+    x = round_operand(x, precision)
     if isinstance(layer, torch.Tensor):
+        layer = round_operand(layer, precision)
         return (layer.t() if transpose else layer) @ x
-    pattern, vals = layer[:2]
+    pattern, vals = layer[0], round_operand(layer[1], precision)
     if len(layer) == 3 and not transpose:  # blocked: W x from the blocks; W^T g by CSR
         return spmm_blocked_ref(*pattern.tensors(), vals, *layer[2].tensors(), x)
     return spmm_ref(*pattern.tensors(), vals, x, transpose)
@@ -114,6 +122,8 @@ def mlp_fwd_ref(
     act: int,
     exact: bool,
     save: bool,
+    *,
+    precision: str = "ieee",
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The fused MLP program (module docstring): f, the divergence, and what backward needs.
 
@@ -128,17 +138,20 @@ def mlp_fwd_ref(
         act: activation id (``activations.ACT_IDS``) of the hidden layers.
         exact: contract with unit probes (tan0 must hold them): the trace.
         save: also return [M_1..M_L, X_1..X_{L-1}] for ``mlp_bwd_ref``.
+        precision: "bf16"/"fp16" round every product's operands (module
+            docstring); "ieee" and "tf32" compute in the input dtype.
 
     Returns:
         f [d, B], div [B], saved (empty unless ``save``).
     """
+    check_precision(precision)
     layers = split_weights(weights, layouts)
     b = x0.shape[1]
     k = tan0.shape[0]
     x = stack_columns(x0, tan0)
     saved_m, saved_x = [], []
     for i, layer in enumerate(layers):
-        m = _layer_matmul(layer, x)
+        m = _layer_matmul(layer, x, precision=precision)
         s = scales[i]
         scaled = m if s.numel() == 0 else s[:, None] * m
         a = scaled[:, :b] + shifts[i][:, None]
@@ -176,6 +189,8 @@ def mlp_bwd_ref(
     act: int,
     exact: bool,
     saved: list[torch.Tensor],
+    *,
+    precision: str = "ieee",
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Reverse mode through ``mlp_fwd_ref`` (by hand, no autograd).
 
@@ -189,6 +204,7 @@ def mlp_bwd_ref(
         dense layer, [nnz] at the kept places for a CSR one), the scale
         gradient (empty where there is no scale) and the shift gradient [n_l].
     """
+    check_precision(precision)
     layers = split_weights(weights, layouts)
     n_layers = len(layers)
     b = x0.shape[1]
@@ -221,10 +237,11 @@ def mlp_bwd_ref(
             g_scale[i] = (g * m).sum(1)
             mbar = s[:, None] * g
         layer = layers[i]
+        mbar_r, x_in_r = round_operand(mbar, precision), round_operand(x_in, precision)
         if isinstance(layer, torch.Tensor):
-            g_w[i] = mbar @ x_in.t()
+            g_w[i] = mbar_r @ x_in_r.t()
         else:
-            g_w[i] = sddmm_ref(layer[0].rowptr, layer[0].col, mbar, x_in)
+            g_w[i] = sddmm_ref(layer[0].rowptr, layer[0].col, mbar_r, x_in_r)
         # The first layer's tangent inputs are constants: only the state part.
-        xbar = _layer_matmul(layer, mbar[:, :b] if i == 0 else mbar, transpose=True)
+        xbar = _layer_matmul(layer, mbar[:, :b] if i == 0 else mbar, True, precision)
     return xbar, g_w, g_scale, g_shift

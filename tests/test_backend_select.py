@@ -4,8 +4,10 @@
   CUDA extension once built, else "ref" with a warning), and the measured choice
   among GPU backends (``CompiledField.select_backend``), cached per field structure;
 - ``SPARSEKERN_BACKEND`` as the default of ``SparseConfig.backend``;
-- ``SparseConfig.allow_tf32`` reaching the kernels' arguments (Triton and CUDA
-  entry points; torch's TF32 flag around "ref" on CUDA);
+- ``SparseConfig.precision`` reaching the kernels' arguments (Triton and CUDA
+  entry points; torch's TF32 flag around "ref" on CUDA), the backends "auto"
+  picks for bf16/fp16 products, and what refuses them (the cpu and cuda
+  kernels, the generic tier, float64 models);
 - bfloat16/float16 models refused with an error naming the dtype.
 """
 
@@ -78,7 +80,7 @@ def test_auto_on_cuda_takes_the_first_available_gpu_backend(monkeypatch, triton,
 
 def test_auto_on_cuda_without_gpu_backends_falls_back_to_ref_with_a_warning(monkeypatch):
     _mock_availability(monkeypatch, triton=False, cuda_built=False)
-    with pytest.warns(UserWarning, match="no GPU backend is available"):
+    with pytest.warns(UserWarning, match="no GPU backend for precision='ieee' is available"):
         assert field.resolve_backend("auto", torch.device("cuda")) == "ref"
 
 
@@ -153,7 +155,7 @@ class _Timed(field.CompiledField):
 def measured_on_cpu(monkeypatch):
     """Measure on CPU tensors too, with two GPU backends "available"."""
     monkeypatch.setattr(field, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(field, "gpu_backends", lambda: ["triton", "cuda"])
+    monkeypatch.setattr(field, "gpu_backends", lambda precision="ieee": ["triton", "cuda"])
 
 
 def test_measured_choice_takes_the_fastest_once_and_caches_it(measured_on_cpu):
@@ -178,7 +180,7 @@ def test_no_measurement_keeps_the_deterministic_rule(measured_on_cpu, monkeypatc
     config = SparseConfig(backend="ref" if why == "forced" else "auto", batch_hint=4,
                           autotune=why != "autotune off")
     if why == "one candidate":
-        monkeypatch.setattr(field, "gpu_backends", lambda: ["triton"])
+        monkeypatch.setattr(field, "gpu_backends", lambda precision="ieee": ["triton"])
     f = _Timed(config, {"triton": 0.004, "cuda": 0.0})
     before = f.backend
     assert f.select_backend() == before and f.calls == []
@@ -186,7 +188,7 @@ def test_no_measurement_keeps_the_deterministic_rule(measured_on_cpu, monkeypatc
 
 def test_a_fused_field_measures_its_own_program(measured_on_cpu, monkeypatch):
     # "cpu" and "ref" stand in for the GPU backends: both run on CPU tensors.
-    monkeypatch.setattr(field, "gpu_backends", lambda: ["ref", "cpu"])
+    monkeypatch.setattr(field, "gpu_backends", lambda precision="ieee": ["ref", "cpu"])
     net = _mlp()
     fast = compile_sparse(net, SparseConfig(batch_hint=16))
     assert fast.tier == "fused" and fast.backend in ("ref", "cpu")
@@ -238,7 +240,7 @@ def test_invalid_env_var_gives_a_clear_error(monkeypatch):
         SparseConfig()
 
 
-# ---------------------------------------------------------------------- allow_tf32
+# ----------------------------------------------------------------------- precision
 
 
 def _program(dtype=torch.float32):
@@ -262,57 +264,116 @@ def recorded(monkeypatch):
     def kernel(name, backend, device):
         def run(*args, **kwargs):
             calls.append((name, backend, kwargs))
-            return refs[name](*args)
+            return refs[name](*args, precision=kwargs.get("precision", "ieee"))
         return run
 
     monkeypatch.setattr(ops, "_kernel", kernel)
     return calls
 
 
-@pytest.mark.parametrize("backend", ("triton", "cuda"))
-@pytest.mark.parametrize("allow_tf32", (False, True))
-def test_ops_pass_allow_tf32_to_the_gpu_kernels(recorded, backend, allow_tf32):
+# What each backend's MLP entry points receive for a precision: Triton and "ref" the
+# precision itself, the CUDA extension TF32 on or off, the C++ CPU kernels nothing.
+_RECEIVES = {
+    ("triton", "ieee"): {"precision": "ieee"}, ("triton", "tf32"): {"precision": "tf32"},
+    ("triton", "bf16"): {"precision": "bf16"}, ("triton", "fp16"): {"precision": "fp16"},
+    ("ref", "bf16"): {"precision": "bf16"}, ("ref", "tf32"): {"precision": "tf32"},
+    ("cuda", "ieee"): {"allow_tf32": False}, ("cuda", "tf32"): {"allow_tf32": True},
+    ("cpu", "ieee"): {}, ("cpu", "tf32"): {},
+}
+
+
+@pytest.mark.parametrize(("backend", "precision"), sorted(_RECEIVES))
+def test_ops_pass_the_precision_to_the_kernels(recorded, backend, precision):
     args = _program()
-    f, div, saved = ops.mlp_fwd(*args, True, backend, allow_tf32)
-    ops.mlp_bwd(torch.ones_like(f), torch.ones_like(div), *args, saved, backend, allow_tf32)
-    assert recorded == [("mlp_fwd", backend, {"allow_tf32": allow_tf32}),
-                        ("mlp_bwd", backend, {"allow_tf32": allow_tf32})]
+    f, div, saved = ops.mlp_fwd(*args, True, backend, precision)
+    ops.mlp_bwd(torch.ones_like(f), torch.ones_like(div), *args, saved, backend, precision)
+    expected = _RECEIVES[backend, precision]
+    assert recorded == [("mlp_fwd", backend, expected), ("mlp_bwd", backend, expected)]
+
+
+@pytest.mark.parametrize("backend", ("cpu", "cuda"))
+@pytest.mark.parametrize("precision", ("bf16", "fp16"))
+def test_ops_refuse_reduced_precision_on_exact_only_backends(recorded, backend, precision):
+    with pytest.raises(ValueError, match=rf"backend '{backend}' has no {precision} products"):
+        ops.mlp_fwd(*_program(), True, backend, precision)
+    assert not recorded
+
+
+def test_ops_refuse_an_unknown_precision(recorded):
+    with pytest.raises(ValueError, match=r"precision='bf8'; expected one of \('ieee'"):
+        ops.mlp_fwd(*_program(), True, "triton", "bf8")
 
 
 def test_ops_default_is_exact_and_autograd_carries_the_setting(recorded):
     args = _program()
     x0 = args[0].clone().requires_grad_()
     ops.mlp_fwd(x0, *args[1:], True, "triton")
-    assert recorded[-1][2] == {"allow_tf32": False}
-    f, div, _ = ops.mlp_fwd(x0, *args[1:], True, "triton", True)
+    assert recorded[-1][2] == {"precision": "ieee"}
+    f, div, _ = ops.mlp_fwd(x0, *args[1:], True, "triton", "bf16")
     (f.sum() + div.sum()).backward()
-    assert recorded[-1] == ("mlp_bwd", "triton", {"allow_tf32": True})
+    assert recorded[-1] == ("mlp_bwd", "triton", {"precision": "bf16"})
 
 
-@pytest.mark.parametrize("allow_tf32", (False, True))
-def test_compiled_field_passes_its_config_to_the_kernels(recorded, allow_tf32):
-    # backend="triton" on CPU tensors: the recorded stand-in runs instead of the kernels.
+@pytest.mark.parametrize("precision", ("ieee", "tf32", "bf16"))
+def test_compiled_field_passes_its_config_to_the_kernels(recorded, precision):
+    # backend="triton" on CPU tensors: the recorded stand-in (the reference) runs instead.
     net = _mlp()
     fast = compile_sparse(net, SparseConfig(backend="triton", layout="dense",
-                                            allow_tf32=allow_tf32))
+                                            precision=precision))
     z = torch.randn(4, 3, requires_grad=True)
     f, div = fast.forward_and_divergence(torch.tensor(0.0), z, torch.randn(4, 3))
     (f.sum() + div.sum()).backward()
     assert [(name, kw) for name, _, kw in recorded] == [
-        ("mlp_fwd", {"allow_tf32": allow_tf32}), ("mlp_bwd", {"allow_tf32": allow_tf32})]
-    torch.testing.assert_close(f, net(z), rtol=1e-5, atol=1e-6)
+        ("mlp_fwd", {"precision": precision}), ("mlp_bwd", {"precision": precision})]
+    # bf16 operands: about 2^-8 relative per product; exact otherwise.
+    tol = 2e-2 if precision == "bf16" else 1e-5
+    torch.testing.assert_close(f, net(z), rtol=tol, atol=tol)
 
 
-def test_ref_on_cuda_sets_torch_tf32_flag_for_the_call(monkeypatch):
+def test_the_graph_path_rounds_products_as_the_op_does():
+    # forward() with a graph to record runs PyTorch, not the op: bf16 must give the same f.
+    net = _mlp(width=37)
+    fast = compile_sparse(net, SparseConfig(backend="ref", layout="dense", precision="bf16"))
+    z = torch.randn(16, 3)
+    with torch.no_grad():
+        f_op = fast(torch.tensor(0.0), z) if fast.arity == 2 else fast(z)
+    f_graph = fast(z.clone().requires_grad_())
+    torch.testing.assert_close(f_graph, f_op, rtol=1e-6, atol=1e-6)
+    exact = net(z)
+    assert (f_graph - exact).abs().max() > 1e-4, "bf16 operands change f"
+
+
+@pytest.mark.parametrize("precision", ("ieee", "tf32", "bf16"))
+def test_ref_on_cuda_sets_torch_tf32_flag_for_the_call(monkeypatch, precision):
     seen = []
 
-    def precision(device, allow_tf32):
+    def scope(device, allow_tf32):
         seen.append((device.type, allow_tf32))
         return cuda_matmul_precision(device, allow_tf32)
 
-    monkeypatch.setattr(ops, "cuda_matmul_precision", precision)
-    ops.mlp_fwd(*_program(), False, "ref", True)
-    assert seen == [("cpu", True)]
+    monkeypatch.setattr(ops, "cuda_matmul_precision", scope)
+    ops.mlp_fwd(*_program(), False, "ref", precision)
+    # bf16 operands are exact in TF32, so cuBLAS may use it: same products, faster.
+    assert seen == [("cpu", precision != "ieee")]
+
+
+@pytest.mark.parametrize("precision", ("ieee", "tf32"))
+def test_the_generic_tier_sets_torch_tf32_flag_as_configured(monkeypatch, precision):
+    from sparsekern import generic
+
+    seen = []
+
+    def scope(device, allow_tf32):
+        seen.append((device.type, allow_tf32))
+        return cuda_matmul_precision(device, allow_tf32)
+
+    monkeypatch.setattr(generic, "cuda_matmul_precision", scope)
+    fast = compile_sparse(_mlp(), SparseConfig(tier="generic", precision=precision))
+    z = torch.randn(4, 3)
+    fast(z)
+    fast.forward_and_divergence(None, z, torch.randn(4, 3))
+    # The call itself, then the divergence around its call (which enters it again).
+    assert seen == [("cpu", precision == "tf32")] * 3
 
 
 def test_cuda_matmul_precision_sets_and_restores_the_flag():
@@ -329,20 +390,67 @@ def test_cuda_matmul_precision_sets_and_restores_the_flag():
         matmul.allow_tf32 = before
 
 
-def test_allow_tf32_must_be_a_bool():
-    with pytest.raises(TypeError, match="allow_tf32 must be a bool"):
-        SparseConfig(allow_tf32="yes")
+def test_precision_must_be_known():
+    with pytest.raises(ValueError, match=r"SparseConfig.precision='half'; expected one of"):
+        SparseConfig(precision="half")
 
 
-# ------------------------------------------------------------------- bf16 / fp16
+@pytest.mark.parametrize("backend", ("cpu", "cuda"))
+def test_reduced_precision_on_an_exact_only_backend_is_refused_in_the_config(backend):
+    with pytest.raises(ValueError, match=rf"precision='bf16', backend='{backend}'\): the "
+                                         rf"{backend} kernels compute exact float32 products"):
+        SparseConfig(precision="bf16", backend=backend)
+
+
+@pytest.mark.parametrize("precision", ("bf16", "fp16"))
+def test_auto_for_reduced_precision_on_cuda_is_triton_only(monkeypatch, precision):
+    _mock_availability(monkeypatch, triton=True, cuda_built=True)
+    assert field.gpu_backends(precision) == ["triton"]
+    assert field.resolve_backend("auto", torch.device("cuda"), precision) == "triton"
+    field._auto_backend.cache_clear()
+    _mock_availability(monkeypatch, triton=False, cuda_built=True)
+    with pytest.warns(UserWarning, match=rf"no GPU backend for precision='{precision}'"):
+        assert field.resolve_backend("auto", torch.device("cuda"), precision) == "ref"
+
+
+def test_auto_for_reduced_precision_on_cpu_is_ref_with_a_warning(monkeypatch):
+    _mock_availability(monkeypatch, triton=True, cuda_built=True, cpu=True)
+    with pytest.warns(UserWarning, match="precision='bf16' products have kernels on CUDA"):
+        fast = compile_sparse(_mlp(), SparseConfig(precision="bf16"))
+    assert fast.backend == "ref"
+    fast.float()  # a conversion that keeps the device keeps the choice
+    assert fast.backend == "ref"
+
+
+def test_reduced_precision_needs_a_float32_model():
+    with pytest.raises(CompileError, match=r"is torch.float64; SparseConfig.precision='fp16' "
+                                           r"rounds the products of float32 models"):
+        compile_sparse(_mlp(dtype=torch.float64), SparseConfig(precision="fp16", backend="ref"))
+    fast = compile_sparse(_mlp(), SparseConfig(precision="fp16", backend="ref"))
+    with pytest.raises(TypeError, match="precision='fp16' rounds the products of float32"):
+        fast.double()
+    assert next(fast.parameters()).dtype == torch.float32, "nothing was converted"
+
+
+def test_the_generic_tier_refuses_reduced_precision():
+    with pytest.raises(CompileError, match=r"precision='bf16' rounds the products of the fused "
+                                           r"tier.*Sequential compiles to the generic tier"):
+        compile_sparse(_mlp(), SparseConfig(precision="bf16", tier="generic", backend="ref"))
+    # TF32 is a permission, not a rounding rule: the generic tier takes it.
+    assert compile_sparse(_mlp(), SparseConfig(precision="tf32", tier="generic")).tier == \
+        "generic"
+
+
+# ------------------------------------------------------------------- bf16 / fp16 models
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("tier", ("auto", "generic"))
 def test_reduced_precision_models_are_refused_by_name(dtype, tier):
     net = _mlp().to(dtype)
-    with pytest.raises(CompileError, match=rf"{dtype}; sparsekern computes in float32 and "
-                                           r"float64 only"):
+    with pytest.raises(CompileError, match=rf"{dtype}; sparsekern models hold float32 and "
+                                           r"float64 only \(for bfloat16/float16 products keep "
+                                           r"the model float32 and set SparseConfig\(precision="):
         compile_sparse(net, SparseConfig(tier=tier, backend="ref"))
 
 

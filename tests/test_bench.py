@@ -245,3 +245,39 @@ def test_torch_bsr_provider_matches_the_masked_layer_or_says_why_not():
         torch.testing.assert_close(layer(x), x @ (lin.weight * lin.weight_mask).t() + lin.bias)
     assert layer.blocksize in (16, 8, 4, 2, 1)
     assert "torch_bsr" in make_providers()
+
+
+def test_reduced_precision_providers_run_on_cuda_only_and_are_checked_loosely():
+    from bench.providers import REDUCED_PROVIDERS, Sparsekern, default_providers
+    from bench.report import REDUCED_REL_ERR
+
+    registry = make_providers()
+    for name, precision in REDUCED_PROVIDERS.items():
+        assert registry[name].precision == precision
+        assert registry[name].unavailable(CPU) == (f"{precision} products have kernels on "
+                                                   "CUDA only (Triton)")
+        assert registry[name].config(64).precision == precision
+    assert not set(REDUCED_PROVIDERS) & set(default_providers(CPU, registry))
+    # The provider itself, on CPU through the reference's rounding: rows say the precision.
+    net = build_field(Case(TINY, "unstructured", 0.4))
+    prepared = Sparsekern("x", backend="ref", precision="bf16").prepare(net, 64)
+    assert prepared.info["precision"] == "bf16"
+    z, t = torch.randn(64, TINY.dim), torch.tensor(0.5)
+    with torch.no_grad():
+        err = ((prepared.field(t, z) - net(t, z)).norm() / net(t, z).norm()).item()
+    assert 1e-5 < err < REDUCED_REL_ERR["bf16"]
+
+    def row(provider, precision, metric, rel_err, nfe=None):
+        r = dict.fromkeys(ROW_FIELDS)
+        r.update(case="c", provider=provider, precision=precision, metric=metric,
+                 rel_err=rel_err, nfe=nfe, dtype="float32")
+        return r
+
+    rows = [row("dense_eager", None, "solve", None, 100),
+            row("sparsekern_bf16", "bf16", "f_div", 1e-2),
+            row("sparsekern_bf16", "bf16", "solve", 1e-2, 130),
+            row("sparsekern_fp16", "fp16", "f_div", 1e-2),
+            row("sparsekern", "ieee", "f_div", 1e-2)]
+    assert consistency_problems(rows) == [
+        "c sparsekern_fp16 f_div: outputs differ from dense_eager by 1.00e-02 (relative)",
+        "c sparsekern f_div: outputs differ from dense_eager by 1.00e-02 (relative)"]

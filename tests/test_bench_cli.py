@@ -276,3 +276,21 @@ def test_sparseflow_bench_passes_its_options_through(run_a, tmp_path):
     assert not list(out.glob("*.png"))  # --no-plots
     assert "| regression |" in (out / "compare.md").read_text()
     assert "7 regressions" in proc.stdout  # roofline + 3 providers x 2 metrics
+
+
+def test_gpu_check_script_explains_itself_and_refuses_without_a_gpu(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2
+    for phase in ("versions", "tests", "forced", "bench"):
+        assert f"bash bench/gpu_check.sh {phase}" in usage.stdout
+    env = dict(os.environ, OUT=str(tmp_path))
+    versions = subprocess.run(["bash", str(script), "versions"], capture_output=True, text=True,
+                              env=env)
+    assert versions.returncode == 0
+    assert f"torch {torch.__version__}" in (tmp_path / "versions.txt").read_text()
+    if not torch.cuda.is_available():
+        for phase in ("tests", "forced", "bench"):
+            run = subprocess.run(["bash", str(script), phase], capture_output=True, text=True,
+                                 env=env)
+            assert run.returncode == 2 and "no CUDA GPU" in run.stderr, phase

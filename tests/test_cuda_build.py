@@ -339,9 +339,9 @@ class TestOnGpu:
         _close(div.double(), rdiv, "div under global TF32", 1e7)
 
     @pytest.mark.parametrize("backend", GPU_BACKENDS)
-    def test_allow_tf32_reaches_the_gpu_products(self, backend):
-        # Asked for (SparseConfig.allow_tf32 -> ops' allow_tf32), TF32 shows as ~1e-3 error
-        # on a 300-wide layer (cuBLAS in both backends); by default the products stay exact.
+    def test_tf32_reaches_the_gpu_products(self, backend):
+        # Asked for (SparseConfig.precision="tf32" -> ops' precision), TF32 shows as ~1e-3
+        # error on a 300-wide layer (cuBLAS in both backends); by default products are exact.
         args = _to(_program((43, 300, 300, 43), [LAYOUT_DENSE] * 3, 1.0, "hutchinson", 512,
                             "tanh", torch.float32), "cuda")
         exact = _map(args, lambda t: t.double() if t.is_floating_point() else t)
@@ -351,7 +351,30 @@ class TestOnGpu:
             return ((f.double() - rf).norm() / rf.norm()).item()
 
         assert err(ops.mlp_fwd(*args, False, backend)[0]) < 1e-5
-        assert err(ops.mlp_fwd(*args, False, backend, True)[0]) > 2e-5
+        assert err(ops.mlp_fwd(*args, False, backend, "tf32")[0]) > 2e-5
+
+    @pytest.mark.parametrize("precision", ("bf16", "fp16"))
+    @pytest.mark.parametrize("case", [PROGRAMS[0], PROGRAMS[2], PROGRAMS[6]],
+                             ids=("toy", "60-wide", "csr"))
+    def test_reduced_precision_on_tensor_cores_matches_the_rounding_reference(self, precision,
+                                                                               case):
+        # Triton's bf16/fp16 tl.dot (the fused kernel) or rounded operands (the general
+        # path) against "ref" rounding the same operands: equal up to the order of the
+        # float32 sums, which can move an activation across a rounding boundary.
+        args = _to(_program(*case), "cuda")
+        tol = {"bf16": 2.0 ** -9, "fp16": 2.0 ** -12}[precision] / 1e-5  # in _close's units
+        f, div, saved = ops.mlp_fwd(*args, True, "triton", precision)
+        rf, rdiv, rsaved = ops.mlp_fwd(*args, True, "ref", precision)
+        ief, _, _ = ops.mlp_fwd(*args, True, "ref")
+        _close(f, rf, "f", tol)
+        _close(div, rdiv, "div", tol)
+        assert (f - rf).norm() < 0.1 * (f - ief).norm(), "f follows the rounded products"
+        gf, gd = torch.ones_like(f), torch.ones_like(div)
+        got = ops.mlp_bwd(gf, gd, *args, saved, "triton", precision)
+        ref = ops.mlp_bwd(gf, gd, *args, rsaved, "ref", precision)
+        _close(got[0], ref[0], "grad x0", tol)
+        for g, r in zip(got[1], ref[1], strict=True):
+            _close(g, r, "weight grad", tol)
 
     def test_auto_backend_is_a_gpu_backend_and_correct(self):
         from torch import nn

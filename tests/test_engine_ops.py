@@ -30,6 +30,7 @@ from sparsekern.formats import (
     CSRPattern,
     split_weights,
 )
+from sparsekern.precision import REDUCED_BACKENDS
 from sparsekern.ref import mlp_bwd_ref, mlp_fwd_ref
 
 DTYPES = (torch.float32, torch.float64)
@@ -431,6 +432,31 @@ def test_fused_backward_passes_opcheck(backend, mode):
     gf = torch.randn(f.shape, generator=gen, dtype=torch.float64).to(DEVICE)
     gd = torch.randn(div.shape, generator=gen, dtype=torch.float64).to(DEVICE)
     torch.library.opcheck(ops.mlp_bwd, (gf, gd, *args, saved, backend))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in REDUCED_BACKENDS])
+@pytest.mark.parametrize("precision", ("bf16", "fp16"))
+def test_reduced_precision_program_passes_opcheck_and_rounds_every_product(backend, precision):
+    layouts = [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_BLOCKED]
+    args = _fused_case(torch.float32, (3, 37, 59, 3), 0.6, "hutchinson", 5, "tanh", layouts)
+    x0, tan0, probe, weights, scales, shifts, layouts, act, exact = args
+    x0 = x0.clone().requires_grad_()
+    shifts = [h.clone().requires_grad_() for h in shifts]
+    op_args = (x0, tan0, probe, weights, scales, shifts, layouts, act, exact, True, backend,
+               precision)
+    torch.library.opcheck(ops.mlp_fwd, op_args)
+    f, div, saved = ops.mlp_fwd(*op_args)
+    saved_const = [t.detach() for t in saved]  # mlp_bwd itself is not differentiable
+    torch.library.opcheck(ops.mlp_bwd, (torch.ones_like(f), torch.ones_like(div), *args,
+                                        saved_const, backend, precision))
+    # Against the exact program: off by the rounding (not by more), and not exact.
+    fe, _, _ = ops.mlp_fwd(*args, False, backend)
+    err = ((f - fe).norm() / fe.norm()).item()
+    unit = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}[precision]
+    assert unit / 100 < err < unit, err
+    # The gradient reaches x0 and the shifts through the hand-written backward.
+    (f.sum() + div.sum()).backward()
+    assert x0.grad is not None and all(h.grad is not None for h in shifts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,6 +18,8 @@ def test_readme_has_python_examples():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_block_runs(index, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
+    # The examples show the defaults, not a backend forced for a whole test run.
+    monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
     # "..." stands for the user's training loop in the examples.
     code = BLOCKS[index].replace("\n...\n", "\n")
     namespace: dict = {}

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def _ci() -> bool:
 
 
 try:
-    import triton  # noqa: F401
+    import triton
 except ImportError as exc:
     if _ci():
         # In CI a missing Triton must not turn the GPU compile checks into silent skips.
@@ -49,6 +50,10 @@ except ImportError as exc:
                     "cannot run; install it with pip install -e .[dev]", pytrace=False)
     pytest.skip(f"triton is not installed ({exc}); pip install -e .[dev]",
                 allow_module_level=True)
+
+import triton.language as tl  # noqa: E402
+
+from sparsekern.triton.k_fused_mlp import _dot_operand  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -504,6 +509,108 @@ class TestGeneralMlpInterpreted:
             tk.mlp_bwd(f, div, *args, saved[:2])
 
 
+@triton.jit
+def _round_kernel(x, out, n, LOWP: tl.constexpr, BLOCK: tl.constexpr):
+    """out = the fused kernels' tl.dot operand for x (``_dot_operand``), as float32."""
+    offs = tl.arange(0, BLOCK)
+    v = _dot_operand(tl.load(x + offs, mask=offs < n, other=0.0), LOWP)
+    tl.store(out + offs, v.to(tl.float32), mask=offs < n)
+
+
+class TestReducedPrecisionInterpreted:
+    """bf16/fp16 products (``SparseConfig.precision``) against the rounding reference."""
+
+    __test__ = INTERPRETED
+
+    # Norm-wise tolerance of deep programs: half the unit roundoff of the operand type.
+    # The kernels and the reference sum in different orders, so an activation can land
+    # on the other side of a rounding boundary before the next product.
+    DEEP_TOL: ClassVar[dict[str, float]] = {"bf16": 2.0 ** -9, "fp16": 2.0 ** -12}
+
+    @pytest.mark.parametrize("precision", ("bf16", "fp16"))
+    @pytest.mark.parametrize("path", ("fused", "dense", "csr", "blocked"))
+    def test_one_layer_matches_the_rounded_reference_to_float32_sums(self, path, precision):
+        from sparsekern.triton import k_fused_mlp as km
+
+        # One layer: no activation feeds a later product, so the only difference left is
+        # the order of the float32 sums (~1e-7); rounding one operand fewer shows as the
+        # rounding's own effect (~1e-4 for fp16, ~1e-3 for bf16).
+        layout = {"csr": LAYOUT_CSR, "blocked": LAYOUT_BLOCKED}.get(path, LAYOUT_DENSE)
+        args = mlp_case((37, 59), [layout], 0.5, "hutchinson", 37, "tanh", torch.float32)
+        fwd, bwd = ((km.fused_mlp_fwd, km.fused_mlp_bwd) if path == "fused"
+                    else (km.general_mlp_fwd, km.general_mlp_bwd))
+        f, div, saved = fwd(*args, True, precision=precision)
+        rf, rdiv, rsaved = mlp_fwd_ref(*args, True, precision=precision)
+        ief, _, _ = mlp_fwd_ref(*args, True)
+        rel = ((rf - ief).norm() / ief.norm()).item()
+        assert rel > 3e-5, f"{precision} operands change f ({rel:.2g})"
+        assert_matches(f, rf, "f", 0.1)
+        assert_matches(div, rdiv, "div", 0.1)
+        gf, gd = torch.ones_like(f), torch.linspace(-1, 1, div.numel())
+        got = bwd(gf, gd, *args, saved, precision=precision)
+        ref = mlp_bwd_ref(gf, gd, *args, rsaved, precision=precision)
+        assert_matches(got[0], ref[0], "grad x0", 0.1)
+        assert_matches(got[1][0], ref[1][0], "weight grad", 0.1)
+        assert_matches(got[3][0], ref[3][0], "shift grad", 0.1)
+
+    @pytest.mark.parametrize("precision", ("bf16", "fp16"))
+    @pytest.mark.parametrize(("layouts", "widths", "mode"), [
+        (DENSE4, TOY, "hutchinson"),
+        (DENSE4, TOY, "exact"),
+        ([LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_BLOCKED], (3, 59, 37, 3), "hutchinson"),
+    ], ids=("toy-hutchinson", "toy-exact", "mixed-layouts"))
+    def test_deep_programs_stay_within_the_rounding_of_the_reference(self, layouts, widths,
+                                                                     mode, precision):
+        from sparsekern import triton as tk
+
+        args = mlp_case(widths, layouts, 0.5, mode, 37, "softplus", torch.float32)
+        f, div, saved = tk.mlp_fwd(*args, True, precision=precision)
+        rf, rdiv, rsaved = mlp_fwd_ref(*args, True, precision=precision)
+        ief, _, _ = mlp_fwd_ref(*args, True)
+        gen = torch.Generator().manual_seed(5)
+        gf, gd = torch.randn(f.shape, generator=gen), torch.randn(div.shape, generator=gen)
+        got = tk.mlp_bwd(gf, gd, *args, saved, precision=precision)
+        ref = mlp_bwd_ref(gf, gd, *args, rsaved, precision=precision)
+        pairs = [("f", f, rf), ("div", div, rdiv), ("grad x0", got[0], ref[0])]
+        for name, gs, rs in (("weight", got[1], ref[1]), ("shift", got[3], ref[3])):
+            pairs += [(f"{name} grad {i}", g, r)
+                      for i, (g, r) in enumerate(zip(gs, rs, strict=True))]
+        for what, g, r in pairs:
+            err = ((g - r).norm() / r.norm()).item()
+            assert err <= self.DEEP_TOL[precision], f"{what}: {err:.3g}"
+        assert (f - rf).norm() < 0.1 * (f - ief).norm(), "f follows the rounded products"
+
+    # NumPy warns when the interpreter's fp16 cast overflows to inf, as it should.
+    @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+    def test_operand_rounding_is_round_to_nearest_even(self):
+        from sparsekern.triton.launch import LOWP_BF16_EMULATED, LOWP_FP16
+
+        one = 1.0
+        x = torch.tensor([
+            one + 2 ** -8, one + 3 * 2 ** -8, -(one + 2 ** -8),  # bf16 ties: to even
+            one + 2 ** -8 + 2 ** -20, one + 2 ** -11, one + 3 * 2 ** -11,  # fp16 ties
+            3.0e38, 3.4028235e38, 65504.0, 65520.0, 1e-40, -1e-42, 5.96e-8, 0.0, -0.0,
+            float("inf"), float("-inf"), float("nan"), 1.2345678, -9.87654e-5,
+        ], dtype=torch.float32)
+        for lowp, dtype in ((LOWP_BF16_EMULATED, torch.bfloat16), (LOWP_FP16, torch.float16)):
+            out = torch.empty_like(x)
+            _round_kernel[(1,)](x, out, x.numel(), LOWP=lowp, BLOCK=32)
+            want = x.to(dtype).float()
+            torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m, d=dtype: f"{d}: {m}")
+
+    def test_float64_programs_refuse_reduced_precision(self):
+        from sparsekern import triton as tk
+        from sparsekern.triton.k_fused_mlp import general_mlp_fwd
+
+        args = mlp_case((3, 8, 3), [LAYOUT_DENSE] * 2, 1.0, "hutchinson", 4, "tanh",
+                        torch.float64)
+        for path in (tk.mlp_fwd, general_mlp_fwd):
+            with pytest.raises(TypeError, match=r"precision='bf16' rounds float32 products; the "
+                                                r"program is torch\.float64"):
+                path(*args, False, precision="bf16")
+
+
 # ------------------------------------------------------------------ parent process
 
 
@@ -514,9 +621,16 @@ def test_public_signatures_match_the_references():
     for name in ("spmm", "sddmm", "mlp_fwd", "mlp_bwd"):
         ours = inspect.signature(getattr(tk, name)).parameters
         theirs = inspect.signature(getattr(ref, f"{name}_ref")).parameters
-        positional = [n for n, p in ours.items() if p.kind != p.KEYWORD_ONLY]
-        assert positional == list(theirs), name
-        assert all(p.default is not p.empty for p in ours.values() if p.kind == p.KEYWORD_ONLY)
+        for params in (ours, theirs):
+            assert all(p.default is not p.empty for p in params.values()
+                       if p.kind == p.KEYWORD_ONLY), name
+        positional = [[n for n, p in params.items() if p.kind != p.KEYWORD_ONLY]
+                      for params in (ours, theirs)]
+        assert positional[0] == positional[1], name
+        # The MLP programs take the product precision, by keyword, in both.
+        keywords = [{n for n, p in params.items() if p.kind == p.KEYWORD_ONLY}
+                    for params in (ours, theirs)]
+        assert keywords[0] == keywords[1] == ({"precision"} if name.startswith("mlp") else set())
 
 
 class _Launch:
@@ -543,50 +657,73 @@ def launches(monkeypatch):
     for name, fake in kernels.items():
         monkeypatch.setattr(k_fused_mlp, name, fake)
     monkeypatch.setattr(k_fused_mlp, "check_device", lambda t: None)
-    scopes: list[bool] = []
+    scopes: list[str] = []
 
     @contextlib.contextmanager
-    def cublas(device, allow_tf32):
-        scopes.append(allow_tf32)
+    def cublas(device, precision):
+        scopes.append(precision)
         yield
 
     monkeypatch.setattr(k_fused_mlp, "cublas_fp32", cublas)
     return kernels, scopes
 
 
-@pytest.mark.parametrize(("dtype", "allow_tf32", "precision"), [
-    (torch.float32, False, "ieee"),
-    (torch.float32, True, "tf32"),
-    (torch.float64, False, "ieee"),
-    (torch.float64, True, "ieee"),  # no TF32 for float64
+@pytest.mark.parametrize(("dtype", "precision", "dot", "lowp"), [
+    (torch.float32, "ieee", "ieee", 0),
+    (torch.float32, "tf32", "tf32", 0),
+    (torch.float32, "bf16", "ieee", 1),  # compiled: tl.dot on bf16 operands (3 interpreted)
+    (torch.float32, "fp16", "ieee", 2),
+    (torch.float64, "ieee", "ieee", 0),
+    (torch.float64, "tf32", "ieee", 0),  # no TF32 for float64
 ])
-def test_fused_launches_get_the_dot_precision(launches, dtype, allow_tf32, precision):
+def test_fused_launches_get_the_dot_precision(launches, dtype, precision, dot, lowp):
     from sparsekern import triton as tk
 
     kernels, scopes = launches
     args = mlp_case(TOY, DENSE4, 1.0, "hutchinson", 8, "tanh", dtype)
-    f, div, saved = tk.mlp_fwd(*args, True, allow_tf32=allow_tf32)
-    tk.mlp_bwd(f, div, *args, saved, allow_tf32=allow_tf32)
+    f, div, saved = tk.mlp_fwd(*args, True, precision=precision)
+    tk.mlp_bwd(f, div, *args, saved, precision=precision)
     calls = kernels["_fused_fwd_kernel"].calls + kernels["_fused_bwd_kernel"].calls
-    assert [c["PRECISION"] for c in calls] == [precision, precision]
-    assert scopes == [allow_tf32], "the weight-gradient GEMMs run under the same setting"
+    assert [(c["PRECISION"], c["LOWP"]) for c in calls] == [(dot, lowp)] * 2
+    assert scopes == [precision], "the weight-gradient GEMMs run under the same setting"
     tk.mlp_fwd(*args, False)
-    assert kernels["_fused_fwd_kernel"].calls[-1]["PRECISION"] == "ieee", "exact by default"
+    assert (kernels["_fused_fwd_kernel"].calls[-1]["PRECISION"],
+            kernels["_fused_fwd_kernel"].calls[-1]["LOWP"]) == ("ieee", 0), "exact by default"
 
 
-@pytest.mark.parametrize("allow_tf32", (False, True))
-def test_general_path_products_get_the_tf32_setting(launches, allow_tf32):
+@pytest.mark.parametrize("precision", ("ieee", "tf32", "bf16"))
+def test_general_path_products_get_the_precision(launches, precision):
     from sparsekern import triton as tk
 
     kernels, scopes = launches
     # 257 wide: past the fused kernel, so every dense product goes to cuBLAS.
     args = mlp_case((3, 257, 3), [LAYOUT_DENSE] * 2, 1.0, "hutchinson", 5, "tanh",
                     torch.float32)
-    f, div, saved = tk.mlp_fwd(*args, True, allow_tf32=allow_tf32)
-    tk.mlp_bwd(f, div, *args, saved, allow_tf32=allow_tf32)
+    f, div, saved = tk.mlp_fwd(*args, True, precision=precision)
+    tk.mlp_bwd(f, div, *args, saved, precision=precision)
     assert not kernels["_fused_fwd_kernel"].calls and kernels["_epilogue_fwd_kernel"].calls
     # Forward: 2 products; backward: 2 weight gradients and 2 W^T products.
-    assert scopes == [allow_tf32] * 6
+    assert scopes == [precision] * 6
+
+
+def test_cublas_runs_reduced_precision_operands_on_tf32():
+    from sparsekern.triton.launch import cublas_fp32
+
+    # bf16/fp16 values are exact in TF32, so TF32 is on for them; IEEE keeps it off.
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        for precision, want in (("ieee", False), ("tf32", True), ("bf16", True),
+                                ("fp16", True)):
+            matmul.allow_tf32 = not want
+            with cublas_fp32(torch.device("cuda"), precision):
+                assert matmul.allow_tf32 is want, precision
+            assert matmul.allow_tf32 is (not want)
+    finally:
+        matmul.allow_tf32 = before
+    for v in (torch.randn(1000).bfloat16().float(), torch.randn(1000).half().float()):
+        bits = v.view(torch.int32)
+        assert (bits & 0x1FFF == 0).all(), "at most 10 fraction bits: TF32 holds them"
 
 
 def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
@@ -672,35 +809,44 @@ class TestAheadOfTime:
             assert k.metadata.shared <= MAX_SHARED[arch], (key, k.metadata.shared)
 
     def test_kernels_do_not_spill(self, compiled):
-        import triton
-
         arch, kernels = compiled
-        cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        assert cuobjdump.is_file(), "triton ships cuobjdump with its NVIDIA backend"
         for key, k in kernels.items():
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(k.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([str(cuobjdump), "-res-usage", f.name],
-                                       capture_output=True, text=True, check=True).stdout
-            stack = [int(s) for s in re.findall(r"STACK:(\d+)", usage)]
-            assert stack and max(stack) <= MAX_STACK_BYTES, (arch, key, usage)
+            stack = _stack_bytes(k)
+            assert stack <= MAX_STACK_BYTES, (arch, key, stack)
 
     def test_tf32_reaches_the_compiled_dot(self):
         from sparsekern.triton import aot_compile, aot_variants
 
-        # allow_tf32 -> PRECISION="tf32" -> tensor-core MMA on TF32 inputs; IEEE -> no MMA.
-        for tf32 in (False, True):
-            variants = [v for v in aot_variants((torch.float32,), allow_tf32=tf32)
+        # precision "tf32" -> PRECISION="tf32" -> tensor-core MMA on TF32 inputs; IEEE -> no MMA.
+        for precision in ("ieee", "tf32"):
+            variants = [v for v in aot_variants((torch.float32,), precision=precision)
                         if v[0].__name__ in ("_fused_fwd_kernel", "_fused_bwd_kernel")
                         and not v[2]["EXACT"]]
             assert len(variants) == 2
-            assert {v[2]["PRECISION"] for v in variants} == {"tf32" if tf32 else "ieee"}
+            assert {v[2]["PRECISION"] for v in variants} == {precision}
             for key, k in aot_compile(80, variants).items():
                 found = re.search(r"mma[^\n]*\.tf32", k.asm["ptx"]) is not None
-                assert found == tf32, key
-        fp64 = [v[2] for v in aot_variants((torch.float64,), allow_tf32=True)]
+                assert found == (precision == "tf32"), key
+        fp64 = [v[2] for v in aot_variants((torch.float64,), precision="tf32")]
         assert all(c.get("PRECISION", "ieee") == "ieee" for c in fp64)
+
+    @pytest.mark.parametrize("arch", (80, 90), ids=lambda a: f"sm_{a}")
+    def test_bf16_and_fp16_products_compile_to_tensor_core_mma(self, arch):
+        from sparsekern.triton import aot_compile, aot_variants
+
+        # The fused kernels' bf16/fp16 dot (interpreted only through its float32
+        # emulation for bf16) compiles to MMA on that type, within the spill budget.
+        for precision, ptx_type in (("bf16", "bf16"), ("fp16", "f16")):
+            variants = [v for v in aot_variants((torch.float32,), precision=precision)
+                        if v[0].__name__ in ("_fused_fwd_kernel", "_fused_bwd_kernel")]
+            assert len(variants) == 4 and {v[2]["LOWP"] for v in variants} == {
+                1 if precision == "bf16" else 2}
+            for key, k in aot_compile(arch, variants).items():
+                assert re.search(rf"mma[^\n]*\.{ptx_type}", k.asm["ptx"]), key
+                assert not re.search(r"mma[^\n]*\.tf32", k.asm["ptx"]), key
+                assert _stack_bytes(k) <= MAX_STACK_BYTES, key
+        fp64 = [v[2] for v in aot_variants((torch.float64,), precision="bf16")]
+        assert all(c.get("LOWP", 0) == 0 for c in fp64), "float64 programs are never rounded"
 
     def test_every_activation_compiles(self):
         from sparsekern.triton import aot_compile, aot_variants
@@ -715,6 +861,22 @@ class TestAheadOfTime:
             acts = {int(m.group(1)) for key in kernels
                     if key.startswith(name) and (m := re.search(r"'ACT': (\d+)", key))}
             assert acts == set(ACT_IDS.values()), name
+
+
+def _stack_bytes(kernel) -> int:
+    """The largest spill stack per thread of a compiled kernel's functions (cuobjdump)."""
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    assert cuobjdump.is_file(), "triton ships cuobjdump with its NVIDIA backend"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    stack = [int(s) for s in re.findall(r"STACK:(\d+)", usage)]
+    assert stack, usage
+    return max(stack)
 
 
 def test_interpreted_cases_pass(interpreter_run):

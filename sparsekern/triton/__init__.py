@@ -2,8 +2,8 @@
 
 The entry points (spmm, spmm_blocked, sddmm, mlp_fwd, mlp_bwd) have the
 signatures of their references in ``sparsekern.ref`` (without the ``_ref``
-suffix); the MLP ones take a keyword-only ``allow_tf32`` (default False: fp32
-products are exact IEEE, as adaptive solvers need). Kernels live in
+suffix); the MLP ones take a keyword-only ``precision`` (``sparsekern.precision``;
+default "ieee": fp32 products are exact IEEE, as adaptive solvers need). Kernels live in
 ``k_spmm`` (CSR and blocked x dense), ``k_sddmm`` (weight gradient at the kept
 places) and ``k_fused_mlp`` (the fused forward + JVP program and its backward;
 a general per-layer path for sparse or wide layers). They run compiled on CUDA
@@ -75,7 +75,7 @@ def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Ten
 
 def mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
             weights: list[torch.Tensor], scales: list[torch.Tensor], shifts: list[torch.Tensor],
-            layouts: list[int], act: int, exact: bool, save: bool, *, allow_tf32: bool = False
+            layouts: list[int], act: int, exact: bool, save: bool, *, precision: str = "ieee"
             ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The fused forward + JVP program: ``sparsekern.ref.mlp_fwd_ref``.
 
@@ -86,13 +86,13 @@ def mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
     from sparsekern.triton import k_fused_mlp
 
     return k_fused_mlp.mlp_fwd(x0, tan0, probe, weights, scales, shifts, layouts, act, exact,
-                               save, allow_tf32=allow_tf32)
+                               save, precision=precision)
 
 
 def mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tensor, tan0: torch.Tensor,
             probe: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
             shifts: list[torch.Tensor], layouts: list[int], act: int, exact: bool,
-            saved: list[torch.Tensor], *, allow_tf32: bool = False
+            saved: list[torch.Tensor], *, precision: str = "ieee"
             ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Reverse mode of ``mlp_fwd``: ``sparsekern.ref.mlp_bwd_ref``.
 
@@ -103,19 +103,20 @@ def mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tensor, tan0
     from sparsekern.triton import k_fused_mlp
 
     return k_fused_mlp.mlp_bwd(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts,
-                               layouts, act, exact, saved, allow_tf32=allow_tf32)
+                               layouts, act, exact, saved, precision=precision)
 
 
 def aot_variants(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
-                 acts: tuple[int, ...] | None = None, allow_tf32: bool = False
+                 acts: tuple[int, ...] | None = None, precision: str = "ieee"
                  ) -> list[tuple[object, dict, dict]]:
     """(kernel, signature, constexprs) of every Triton kernel as the wrappers launch it.
 
     Args:
         dtypes: element types to build each kernel for.
         acts: activation ids for the activation-dependent kernels (default: tanh).
-        allow_tf32: the fused kernels' ``tl.dot`` precision as launched for
-            ``SparseConfig.allow_tf32`` ("tf32" for float32 when True, else "ieee").
+        precision: ``SparseConfig.precision``: the fused kernels' ``tl.dot``
+            input precision ("tf32" or "ieee") and operand type (bf16, fp16)
+            as launched for it on a GPU (float32 only; float64 stays IEEE).
     """
     from sparsekern.activations import ACT_IDS
     from sparsekern.triton import k_fused_mlp, k_sddmm, k_spmm
@@ -124,7 +125,7 @@ def aot_variants(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64
     return [v for dtype in dtypes for v in (*k_spmm.aot_variants(dtype),
                                             *k_sddmm.aot_variants(dtype),
                                             *k_fused_mlp.aot_variants(dtype, acts,
-                                                                      allow_tf32))]
+                                                                      precision))]
 
 
 def aot_compile(arch: int, variants: list[tuple[object, dict, dict]] | None = None

@@ -9,19 +9,21 @@ Two paths, picked by ``mlp_fwd`` / ``mlp_bwd``:
 - Fused (``fused_eligible``: every layer dense, every width <= ``FUSED_MAX_WIDTH``).
   One launch runs the whole network for a block of BB batch columns: per layer,
   per chunk of CH output features, the products W_l X_{l-1} for the state and
-  each tangent (``tl.dot`` over KC-wide input chunks, IEEE fp32 unless TF32 is
-  requested), then the activation and its JVP in registers; the divergence is
-  contracted in the last layer, so one launch yields f and div. The layer's
-  output goes to a per-layer buffer (the saved X_l, or scratch) that only this
-  program reads back, with a CTA barrier between layers. The backward is one
-  launch too: per layer the epilogue (activation derivatives, cotangents of the
-  pre-activations, per-program partial sums of the shift and scale gradients)
-  then W_l^T times them; the weight gradients are one dense GEMM per layer
-  afterwards (they sum over the batch, across programs).
+  each tangent (``tl.dot`` over KC-wide input chunks: IEEE fp32, or TF32, bf16
+  or fp16 operands as ``SparseConfig.precision`` asks), then the activation
+  and its JVP in registers; the divergence is contracted in the last layer, so
+  one launch yields f and div. The layer's output goes to a per-layer buffer
+  (the saved X_l, or scratch) that only this program reads back, with a CTA
+  barrier between layers. The backward is one launch too: per layer the
+  epilogue (activation derivatives, cotangents of the pre-activations,
+  per-program partial sums of the shift and scale gradients) then W_l^T times
+  them; the weight gradients are one dense GEMM per layer afterwards (they sum
+  over the batch, across programs).
 - General (CSR, blocked or wide layers): per layer one product (dense: cuBLAS
   with TF32 off; CSR and blocked: ``k_spmm``) and one Triton epilogue kernel;
   the backward uses ``k_sddmm`` for sparse weight gradients and the CSR's stored
-  transpose for W^T.
+  transpose for W^T. For bf16/fp16 it rounds the operands of each product
+  before it (``round_operand``), which gives the fused kernel's products.
 
 Both paths share the activation code (``_act_d1``, ``_act_d1_d2``, written to
 match ``sparsekern.activations.act_ref``, Triton's core math only so it also
@@ -36,14 +38,20 @@ import triton.language as tl
 
 from sparsekern.activations import ACT_IDS, SOFTPLUS_THRESHOLD
 from sparsekern.formats import split_weights
+from sparsekern.precision import round_operand
 from sparsekern.ref import mlp_bwd_ref, mlp_fwd_ref, stack_columns
 from sparsekern.triton.k_sddmm import sddmm
 from sparsekern.triton.k_spmm import spmm_blocked_into, spmm_into
 from sparsekern.triton.launch import (
     AOT_DTYPES,
+    LOWP_BF16,
+    LOWP_BF16_EMULATED,
+    LOWP_FP16,
+    LOWP_NONE,
     check_device,
     check_float,
     cublas_fp32,
+    dot_operands,
     dot_precision,
     interpreting,
     next_pow2,
@@ -74,6 +82,9 @@ _RELU = tl.constexpr(ACT_IDS["relu"])
 _ELU = tl.constexpr(ACT_IDS["elu"])
 _SWISH = tl.constexpr(ACT_IDS["swish"])
 _SOFTPLUS_THRESHOLD = tl.constexpr(SOFTPLUS_THRESHOLD)  # identity above it, as torch
+_LOWP_BF16 = tl.constexpr(LOWP_BF16)
+_LOWP_FP16 = tl.constexpr(LOWP_FP16)
+_LOWP_BF16_EMULATED = tl.constexpr(LOWP_BF16_EMULATED)
 
 # Offsets of the sections of the fused kernels' pointer table (one int64 per
 # layer each, then the L + 1 widths).
@@ -254,8 +265,25 @@ def _table_ptr(table, section, L, li, like):
 
 
 @triton.jit
+def _dot_operand(x, LOWP: tl.constexpr):
+    """x as tl.dot takes it for ``launch.dot_operands``' code LOWP (0: unchanged)."""
+    if LOWP == _LOWP_BF16:
+        x = x.to(tl.bfloat16)
+    elif LOWP == _LOWP_FP16:
+        x = x.to(tl.float16)
+    elif LOWP == _LOWP_BF16_EMULATED:
+        # bf16 round-to-nearest-even kept in float32 bits: add half an ulp of the
+        # 16 bits that go (plus one when the kept part is odd), then clear them.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x
+
+
+@triton.jit
 def _product(src, ld, col0, w, n_in, rows, mask_r, offs_b, mask_b, BB: tl.constexpr,
-             CH: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr):
+             CH: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr,
+             LOWP: tl.constexpr):
     """[BB, CH] tile of (W X)^T: batch columns offs_b of group col0, features ``rows``.
 
     src is [n_in, ld] feature-major, w is [n_out, n_in] row-major. The input
@@ -272,7 +300,8 @@ def _product(src, ld, col0, w, n_in, rows, mask_r, offs_b, mask_b, BB: tl.conste
         wt = tl.load(w + rows[None, :] * n_in + cols[:, None],
                      mask=mask_c[:, None] & mask_r[None, :], other=0.0)
         # out_dtype said explicitly: Triton 3.6 assumes float32 even for float64 operands.
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        acc = tl.dot(_dot_operand(xt, LOWP), _dot_operand(wt, LOWP), acc,
+                     input_precision=PRECISION, out_dtype=acc.dtype)
     return acc
 
 
@@ -280,7 +309,8 @@ def _product(src, ld, col0, w, n_in, rows, mask_r, offs_b, mask_b, BB: tl.conste
 def _fused_fwd_layer(src, w, sc, sh, m_out, x_out, f, probe, n_in, n_out, ld, B, K, offs_b,
                      mask_b, div_acc, ACT: tl.constexpr, LAST: tl.constexpr,
                      EXACT: tl.constexpr, SAVE: tl.constexpr, BB: tl.constexpr,
-                     CH: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr):
+                     CH: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr,
+                     LOWP: tl.constexpr):
     for o0 in range(0, n_out, CH):
         rows = o0 + tl.arange(0, CH)
         mask_r = rows < n_out
@@ -288,7 +318,8 @@ def _fused_fwd_layer(src, w, sc, sh, m_out, x_out, f, probe, n_in, n_out, ld, B,
         c = tl.load(sh + rows, mask=mask_r, other=0.0)[None, :]
         mask = mask_b[:, None] & mask_r[None, :]
         off = rows[None, :].to(tl.int64) * ld + offs_b[:, None]
-        acc = _product(src, ld, 0, w, n_in, rows, mask_r, offs_b, mask_b, BB, CH, KC, PRECISION)
+        acc = _product(src, ld, 0, w, n_in, rows, mask_r, offs_b, mask_b, BB, CH, KC, PRECISION,
+                       LOWP)
         if SAVE:
             tl.store(m_out + off, acc, mask=mask)
         a = acc * s + c
@@ -299,7 +330,7 @@ def _fused_fwd_layer(src, w, sc, sh, m_out, x_out, f, probe, n_in, n_out, ld, B,
             tl.store(x_out + off, h, mask=mask)
         for k in range(K):
             acc = _product(src, ld, (k + 1) * B, w, n_in, rows, mask_r, offs_b, mask_b, BB, CH,
-                           KC, PRECISION)
+                           KC, PRECISION, LOWP)
             if SAVE:
                 tl.store(m_out + off + (k + 1) * B, acc, mask=mask)
             u = acc * s
@@ -318,7 +349,8 @@ def _fused_fwd_layer(src, w, sc, sh, m_out, x_out, f, probe, n_in, n_out, ld, B,
 @triton.jit(do_not_specialize=["B"])
 def _fused_fwd_kernel(x0s, table, f, div, probe, B, K, L, ACT: tl.constexpr,
                       EXACT: tl.constexpr, SAVE: tl.constexpr, BB: tl.constexpr,
-                      CH: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr):
+                      CH: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr,
+                      LOWP: tl.constexpr):
     offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
     mask_b = offs_b < B
     ld = (K + 1) * B
@@ -333,7 +365,7 @@ def _fused_fwd_kernel(x0s, table, f, div, probe, B, K, L, ACT: tl.constexpr,
             src, _table_ptr(table, _T_W, L, li, f), _table_ptr(table, _T_SCALE, L, li, f),
             _table_ptr(table, _T_SHIFT, L, li, f), _table_ptr(table, _T_M, L, li, f), x_out, f,
             probe, n_in, n_out, ld, B, K, offs_b, mask_b, div_acc, ACT, False, EXACT, SAVE, BB,
-            CH, KC, PRECISION)
+            CH, KC, PRECISION, LOWP)
         # X_l is read back by other threads of this program in the next layer.
         tl.debug_barrier()
         src = x_out
@@ -343,7 +375,7 @@ def _fused_fwd_kernel(x0s, table, f, div, probe, B, K, L, ACT: tl.constexpr,
         src, _table_ptr(table, _T_W, L, last, f), _table_ptr(table, _T_SCALE, L, last, f),
         _table_ptr(table, _T_SHIFT, L, last, f), _table_ptr(table, _T_M, L, last, f), src, f,
         probe, n_in, tl.load(dims + L).to(tl.int32), ld, B, K, offs_b, mask_b, div_acc, ACT,
-        True, EXACT, SAVE, BB, CH, KC, PRECISION)
+        True, EXACT, SAVE, BB, CH, KC, PRECISION, LOWP)
     tl.store(div + offs_b, div_acc, mask=mask_b)
 
 
@@ -372,7 +404,7 @@ def _fused_bwd_epilogue(table, xbar, grad_f, grad_div, probe, part, li, n, L, NB
 @triton.jit
 def _fused_bwd_product(mbar, w, n_out, n_in, ld, dst, ld_dst, B, groups, offs_b, mask_b,
                        BB: tl.constexpr, CH: tl.constexpr, KC: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, LOWP: tl.constexpr):
     """dst[:, group g] = W^T Mbar[:, group g] for the program's batch columns, g < groups."""
     for g in range(groups):
         for i0 in range(0, n_in, CH):
@@ -386,7 +418,8 @@ def _fused_bwd_product(mbar, w, n_out, n_in, ld, dst, ld_dst, B, groups, offs_b,
                              mask=mask_b[:, None] & mask_r[None, :], other=0.0)
                 wt = tl.load(w + rows[:, None] * n_in + cols[None, :],
                              mask=mask_r[:, None] & mask_c[None, :], other=0.0)
-                acc = tl.dot(mt, wt, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+                acc = tl.dot(_dot_operand(mt, LOWP), _dot_operand(wt, LOWP), acc,
+                             input_precision=PRECISION, out_dtype=acc.dtype)
             tl.store(dst + cols[None, :].to(tl.int64) * ld_dst + g * B + offs_b[:, None], acc,
                      mask=mask_b[:, None] & mask_c[None, :])
 
@@ -394,7 +427,8 @@ def _fused_bwd_product(mbar, w, n_out, n_in, ld, dst, ld_dst, B, groups, offs_b,
 @triton.jit(do_not_specialize=["B", "NB"])
 def _fused_bwd_kernel(grad_f, grad_div, probe, table, xbar, gx0, part, B, K, L, NB, NPART,
                       ACT: tl.constexpr, EXACT: tl.constexpr, BB: tl.constexpr,
-                      CH: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr):
+                      CH: tl.constexpr, KC: tl.constexpr, PRECISION: tl.constexpr,
+                      LOWP: tl.constexpr):
     offs_b = tl.program_id(0) * BB + tl.arange(0, BB)
     mask_b = offs_b < B
     ld = (K + 1) * B
@@ -410,7 +444,7 @@ def _fused_bwd_kernel(grad_f, grad_div, probe, table, xbar, gx0, part, B, K, L, 
         _fused_bwd_product(_table_ptr(table, _T_OUT, L, li, xbar),
                            _table_ptr(table, _T_W, L, li, xbar),
                            tl.load(dims + li + 1).to(tl.int32), n_in, ld, xbar, ld, B, K + 1,
-                           offs_b, mask_b, BB, CH, KC, PRECISION)
+                           offs_b, mask_b, BB, CH, KC, PRECISION, LOWP)
         tl.debug_barrier()
         _fused_bwd_epilogue(table, xbar, grad_f, grad_div, probe, part, li - 1, n_in, L, NB, NPART,
                             ld, B, K, offs_b, mask_b, ACT, False, EXACT, CH)
@@ -418,7 +452,7 @@ def _fused_bwd_kernel(grad_f, grad_div, probe, table, xbar, gx0, part, B, K, L, 
     # The first layer's tangent inputs are constants: only the state group.
     _fused_bwd_product(_table_ptr(table, _T_OUT, L, 0, xbar), _table_ptr(table, _T_W, L, 0, xbar),
                        tl.load(dims + 1).to(tl.int32), tl.load(dims).to(tl.int32), ld, gx0, B, B,
-                       1, offs_b, mask_b, BB, CH, KC, PRECISION)
+                       1, offs_b, mask_b, BB, CH, KC, PRECISION, LOWP)
 
 
 def _fused_config(b: int, width: int) -> tuple[int, int, int]:
@@ -507,12 +541,13 @@ def _check_program(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
 def fused_mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
                   weights: list[torch.Tensor], scales: list[torch.Tensor],
                   shifts: list[torch.Tensor], layouts: list[int], act: int, exact: bool,
-                  save: bool, *, allow_tf32: bool = False,
+                  save: bool, *, precision: str = "ieee",
                   config: tuple[int, int, int] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """``mlp_fwd_ref`` in one launch; requires ``fused_eligible``. config: (BB, CH, KC)."""
     layers = split_weights(weights, layouts)
     widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact, act)
+    lowp = dot_operands(x0.dtype, precision)
     if not fused_eligible(x0, weights, layouts):
         raise ValueError("sparsekern triton mlp: the fused kernel takes dense layers of width "
                          f"<= {FUSED_MAX_WIDTH}; use general_mlp_fwd")
@@ -540,20 +575,21 @@ def fused_mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
     pr = probe.contiguous() if k and not exact else x0s
     _fused_fwd_kernel[(triton.cdiv(b, bb),)](
         x0s, table, f, div, pr, b, k, n_layers, ACT=act, EXACT=exact, SAVE=save, BB=bb, CH=ch,
-        KC=kc, PRECISION=dot_precision(x0.dtype, allow_tf32), num_warps=4)
+        KC=kc, PRECISION=dot_precision(x0.dtype, precision), LOWP=lowp, num_warps=4)
     return f, div, (m + xs) if save else []
 
 
 def fused_mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tensor,
                   tan0: torch.Tensor, probe: torch.Tensor, weights: list[torch.Tensor],
                   scales: list[torch.Tensor], shifts: list[torch.Tensor], layouts: list[int],
-                  act: int, exact: bool, saved: list[torch.Tensor], *, allow_tf32: bool = False,
+                  act: int, exact: bool, saved: list[torch.Tensor], *, precision: str = "ieee",
                   config: tuple[int, int, int] | None = None
                   ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                              list[torch.Tensor]]:
     """``mlp_bwd_ref`` in one launch plus one GEMM per layer; requires ``fused_eligible``."""
     layers = split_weights(weights, layouts)
     widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact, act)
+    lowp = dot_operands(x0.dtype, precision)
     if not fused_eligible(x0, weights, layouts):
         raise ValueError("sparsekern triton mlp: the fused kernel takes dense layers of width "
                          f"<= {FUSED_MAX_WIDTH}; use general_mlp_bwd")
@@ -580,10 +616,11 @@ def fused_mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tensor
         _fused_bwd_kernel[(nb,)](
             grad_f.contiguous(), grad_div.contiguous(), pr, table, xbar, gx0, part, b, k,
             n_layers, nb, npart, ACT=act, EXACT=exact, BB=bb, CH=ch, KC=kc,
-            PRECISION=dot_precision(x0.dtype, allow_tf32), num_warps=4)
+            PRECISION=dot_precision(x0.dtype, precision), LOWP=lowp, num_warps=4)
     x_in = [stack_columns(x0, tan0), *saved[n_layers:]]
-    with cublas_fp32(x0.device, allow_tf32):
-        g_w = [torch.matmul(mb, xi.t()) for mb, xi in zip(mbar, x_in, strict=True)]
+    with cublas_fp32(x0.device, precision):
+        g_w = [torch.matmul(round_operand(mb, precision), round_operand(xi, precision).t())
+               for mb, xi in zip(mbar, x_in, strict=True)]
     g_shift = [part[0, i, :, :n].sum(0) for i, n in enumerate(widths[1:])]
     g_scale = [part[1, i, :, :n].sum(0) if scales[i].numel() else scales[i].new_empty(0)
                for i, n in enumerate(widths[1:])]
@@ -691,16 +728,19 @@ def _epilogue_config(n: int, b: int) -> tuple[int, int]:
     return 4, next_pow2(b, lo=32, hi=256)
 
 
-def _layer_product(layer, x: torch.Tensor, transpose: bool, allow_tf32: bool) -> torch.Tensor:
+def _layer_product(layer, x: torch.Tensor, transpose: bool, precision: str) -> torch.Tensor:
     """W x (W^T x): dense by cuBLAS with TF32 as requested, CSR and blocked by ``k_spmm``.
 
     A blocked layer (pattern, vals, blocks) multiplies W x from its blocks and
-    W^T x through the CSR pattern's stored transpose.
+    W^T x through the CSR pattern's stored transpose. bf16/fp16 round both
+    operands first.
     """
+    x = round_operand(x, precision)
     if isinstance(layer, torch.Tensor):
-        with cublas_fp32(x.device, allow_tf32):
-            return torch.matmul(layer.t() if transpose else layer, x)
-    pattern, vals = layer[0], layer[1].contiguous()
+        with cublas_fp32(x.device, precision):
+            return torch.matmul(round_operand(layer, precision).t() if transpose
+                                else round_operand(layer, precision), x)
+    pattern, vals = layer[0], round_operand(layer[1], precision).contiguous()
     n_out = pattern.shape[1] if transpose else pattern.shape[0]
     y = x.new_empty((n_out, x.shape[1]))
     if transpose:
@@ -714,11 +754,12 @@ def _layer_product(layer, x: torch.Tensor, transpose: bool, allow_tf32: bool) ->
 def general_mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
                     weights: list[torch.Tensor], scales: list[torch.Tensor],
                     shifts: list[torch.Tensor], layouts: list[int], act: int, exact: bool,
-                    save: bool, *, allow_tf32: bool = False
+                    save: bool, *, precision: str = "ieee"
                     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """``mlp_fwd_ref`` as one product and one Triton epilogue per layer (any layouts, widths)."""
     layers = split_weights(weights, layouts)
     widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact, act)
+    dot_operands(x0.dtype, precision)  # refuses bf16/fp16 for float64
     n_layers, b, k = len(layers), x0.shape[1], tan0.shape[0]
     if b == 0:
         return _empty_batch(x0, widths, save)
@@ -729,7 +770,7 @@ def general_mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
     f = x0.new_empty((widths[-1], b))
     div = x0.new_empty((b,))
     for i, layer in enumerate(layers):
-        m = _layer_product(layer, x, False, allow_tf32)
+        m = _layer_product(layer, x, False, precision)
         n = widths[i + 1]
         if save:
             saved_m.append(m)
@@ -755,12 +796,13 @@ def general_mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tens
                     tan0: torch.Tensor, probe: torch.Tensor, weights: list[torch.Tensor],
                     scales: list[torch.Tensor], shifts: list[torch.Tensor], layouts: list[int],
                     act: int, exact: bool, saved: list[torch.Tensor], *,
-                    allow_tf32: bool = False
+                    precision: str = "ieee"
                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                                list[torch.Tensor]]:
     """``mlp_bwd_ref`` per layer: Triton epilogue, W^T product, weight gradient (GEMM or SDDMM)."""
     layers = split_weights(weights, layouts)
     widths = _check_program(x0, tan0, probe, layers, scales, shifts, exact, act)
+    dot_operands(x0.dtype, precision)  # refuses bf16/fp16 for float64
     n_layers, b, k = len(layers), x0.shape[1], tan0.shape[0]
     cols = (1 + k) * b
     check_float("grad_f", grad_f, x0.dtype)
@@ -789,13 +831,15 @@ def general_mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tens
         g_scale[i] = part[1].sum(1) if scales[i].numel() else scales[i].new_empty(0)
         x_in = stack_columns(x0, tan0).contiguous() if i == 0 else saved[n_layers + i - 1]
         layer = layers[i]
+        mbar_r = round_operand(mbar, precision)
+        x_in_r = round_operand(x_in, precision).contiguous()
         if isinstance(layer, torch.Tensor):
-            with cublas_fp32(x0.device, allow_tf32):
-                g_w[i] = torch.matmul(mbar, x_in.t())
+            with cublas_fp32(x0.device, precision):
+                g_w[i] = torch.matmul(mbar_r, x_in_r.t())
         else:
-            g_w[i] = sddmm(layer[0].rowptr, layer[0].col, mbar, x_in.contiguous())
+            g_w[i] = sddmm(layer[0].rowptr, layer[0].col, mbar_r.contiguous(), x_in_r)
         # The first layer's tangent inputs are constants: only the state columns.
-        xbar = _layer_product(layer, mbar[:, :b] if i == 0 else mbar, True, allow_tf32)
+        xbar = _layer_product(layer, mbar[:, :b] if i == 0 else mbar, True, precision)
     return xbar, g_w, g_scale, g_shift
 
 
@@ -804,41 +848,45 @@ def general_mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tens
 
 def mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
             weights: list[torch.Tensor], scales: list[torch.Tensor], shifts: list[torch.Tensor],
-            layouts: list[int], act: int, exact: bool, save: bool, *, allow_tf32: bool = False
+            layouts: list[int], act: int, exact: bool, save: bool, *, precision: str = "ieee"
             ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """``mlp_fwd_ref``: the fused kernel when ``fused_eligible``, else the general path."""
     path = fused_mlp_fwd if fused_eligible(x0, weights, layouts) else general_mlp_fwd
     return path(x0, tan0, probe, weights, scales, shifts, layouts, act, exact, save,
-                allow_tf32=allow_tf32)
+                precision=precision)
 
 
 def mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tensor, tan0: torch.Tensor,
             probe: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
             shifts: list[torch.Tensor], layouts: list[int], act: int, exact: bool,
-            saved: list[torch.Tensor], *, allow_tf32: bool = False
+            saved: list[torch.Tensor], *, precision: str = "ieee"
             ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """``mlp_bwd_ref``: the fused kernel when ``fused_eligible``, else the general path."""
     path = fused_mlp_bwd if fused_eligible(x0, weights, layouts) else general_mlp_bwd
     return path(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts, layouts, act, exact,
-                saved, allow_tf32=allow_tf32)
+                saved, precision=precision)
 
 
 # ------------------------------------------------------------------------ AOT
 
 
 def aot_variants(dtype: torch.dtype, acts: tuple[int, ...] = (ACT_IDS["tanh"],),
-                 allow_tf32: bool = False
+                 precision: str = "ieee"
                  ) -> list[tuple[object, dict[str, str], dict[str, object]]]:
     """(kernel, signature, constexprs) of the compiled variants, for ahead-of-time checks.
 
     Every kernel once per activation in ``acts``, with and without the exact
     trace; the fused kernels at the toy model's chunk (CH = 64), with their
-    ``tl.dot`` input precision as the wrappers pass it for ``allow_tf32``.
+    ``tl.dot`` precision and operand type as the wrappers pass them for
+    ``precision`` (as compiled for a GPU, not as interpreted).
     """
     t = AOT_DTYPES[dtype]
     p = f"*{t}"
     bb, ch, kc = _fused_config(4096, 64)
-    prec = dot_precision(dtype, allow_tf32)
+    prec = dot_precision(dtype, precision)
+    lowp = {"bf16": LOWP_BF16, "fp16": LOWP_FP16}.get(precision, LOWP_NONE)
+    if dtype != torch.float32:
+        lowp = LOWP_NONE
     br, bblk = 4, 128
     out = []
     for act in acts:
@@ -847,17 +895,17 @@ def aot_variants(dtype: torch.dtype, acts: tuple[int, ...] = (ACT_IDS["tanh"],),
                         {"x0s": p, "table": "*i64", "f": p, "div": p, "probe": p, "B": "i32",
                          "K": "i32", "L": "i32", "ACT": "constexpr", "EXACT": "constexpr",
                          "SAVE": "constexpr", "BB": "constexpr", "CH": "constexpr",
-                         "KC": "constexpr", "PRECISION": "constexpr"},
+                         "KC": "constexpr", "PRECISION": "constexpr", "LOWP": "constexpr"},
                         {"ACT": act, "EXACT": exact, "SAVE": not exact, "BB": bb, "CH": ch,
-                         "KC": kc, "PRECISION": prec}))
+                         "KC": kc, "PRECISION": prec, "LOWP": lowp}))
             out.append((_fused_bwd_kernel,
                         {"grad_f": p, "grad_div": p, "probe": p, "table": "*i64", "xbar": p,
                          "gx0": p, "part": p, "B": "i32", "K": "i32", "L": "i32", "NB": "i32",
                          "NPART": "i32", "ACT": "constexpr", "EXACT": "constexpr",
                          "BB": "constexpr", "CH": "constexpr", "KC": "constexpr",
-                         "PRECISION": "constexpr"},
+                         "PRECISION": "constexpr", "LOWP": "constexpr"},
                         {"ACT": act, "EXACT": exact, "BB": bb, "CH": ch, "KC": kc,
-                         "PRECISION": prec}))
+                         "PRECISION": prec, "LOWP": lowp}))
             out.append((_head_fwd_kernel,
                         {"m": p, "f": p, "div": p, "probe": p, "sc": p, "sh": p, "d": "i32",
                          "B": "i32", "K": "i32", "EXACT": "constexpr", "BLOCK_R": "constexpr",

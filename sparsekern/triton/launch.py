@@ -6,8 +6,10 @@ Triton's interpreter, which is chosen when ``@triton.jit`` runs, i.e. when
 run in a subprocess with it set). ``check_device`` turns any other case into a
 clear error instead of a crash inside the launcher.
 
-Also here: the dtype map and checks shared by the wrappers, and the exact-fp32
-rule for the dense products the general path leaves to cuBLAS.
+Also here: the dtype map and checks shared by the wrappers, how a
+``SparseConfig.precision`` reaches ``tl.dot`` (``dot_precision``,
+``dot_operands``), and the exact-fp32 rule for the dense products the general
+path leaves to cuBLAS.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import triton.language as tl
 
 from sparsekern.config import cuda_matmul_precision
+from sparsekern.precision import check_precision, cublas_may_use_tf32, is_reduced, uses_tf32
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 AOT_DTYPES = {torch.float32: "fp32", torch.float64: "fp64"}
@@ -56,23 +59,51 @@ def check_index(name: str, t: torch.Tensor) -> None:
                         f"{t.dtype} of shape {list(t.shape)}")
 
 
-def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    """``tl.dot``'s input_precision: IEEE fp32 products unless TF32 was asked for.
+def dot_precision(dtype: torch.dtype, precision: str) -> str:
+    """``tl.dot``'s input_precision for float32 operands: IEEE unless TF32 was asked for.
 
     The spelling ``input_precision="ieee"`` is accepted by Triton 3.0 through 3.9
-    (``allow_tf32=`` is deprecated); it is ignored for float64.
+    (``allow_tf32=`` is deprecated); it is ignored for float64 and for the
+    bf16/fp16 operands of ``dot_operands``.
     """
-    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
+    check_precision(precision)
+    return "tf32" if uses_tf32(precision) and dtype == torch.float32 else "ieee"
 
 
-def cublas_fp32(device: torch.device, allow_tf32: bool) -> contextlib.AbstractContextManager:
-    """Run torch.matmul on ``device`` with TF32 exactly as requested (default off).
+# dot_operands codes: what the fused kernels round tl.dot's operands to.
+LOWP_NONE, LOWP_BF16, LOWP_FP16, LOWP_BF16_EMULATED = 0, 1, 2, 3
+
+
+def dot_operands(dtype: torch.dtype, precision: str) -> int:
+    """The fused kernels' ``LOWP`` constexpr: the type ``tl.dot``'s operands are cast to.
+
+    bf16 and fp16 (float32 inputs only) cast to tensor-core types. Under the
+    interpreter bf16 is rounded in float32 bits instead (``LOWP_BF16_EMULATED``):
+    its bf16 cast truncates and its dot multiplies the raw 16-bit patterns, while
+    fp16 it computes correctly. The products are the same either way (exact in
+    float32), so only the order of the float32 sums differs.
+    """
+    check_precision(precision)
+    if not is_reduced(precision):
+        return LOWP_NONE
+    if dtype != torch.float32:
+        raise TypeError(f"sparsekern triton backend: precision={precision!r} rounds float32 "
+                        f"products; the program is {dtype}")
+    if precision == "fp16":
+        return LOWP_FP16
+    return LOWP_BF16_EMULATED if interpreting() else LOWP_BF16
+
+
+def cublas_fp32(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Run torch.matmul on ``device`` with TF32 as ``precision`` allows (default off).
 
     Adaptive ODE solvers need the exact fp32 products; torch's global flag might
     have been switched on by user code, so it is set for the duration and
-    restored (``sparsekern.config.cuda_matmul_precision``).
+    restored (``sparsekern.config.cuda_matmul_precision``). For bf16/fp16 the
+    caller rounds the operands (``sparsekern.precision.round_operand``) and
+    TF32 is on (``cublas_may_use_tf32``).
     """
-    return cuda_matmul_precision(device, allow_tf32)
+    return cuda_matmul_precision(device, cublas_may_use_tf32(precision))
 
 
 def next_pow2(n: int, lo: int = 1, hi: int | None = None) -> int:

@@ -1,0 +1,65 @@
+"""Product precision: what ``SparseConfig.precision`` means, and its reference rounding.
+
+"ieee" (the default): float32 products are exact IEEE multiply-adds, because
+adaptive ODE solvers need the accuracy; torch's global TF32 flag is overridden.
+
+"tf32": GPU kernels may use TF32 tensor-core products for float32 (Triton's
+``tl.dot`` input precision "tf32", cuBLAS with TF32 on). A permission, not a
+rounding rule: CPUs and float64 compute exactly.
+
+"bf16" / "fp16": the fused MLP program's products take both operands rounded
+to bfloat16 / float16 (round to nearest even) and accumulate in float32;
+everything else stays float32: the state, the bias and gate terms, the
+activations and their derivatives, the divergence sums. A product of two bf16
+or two fp16 numbers is exact in float32 (8 + 8 and 11 + 11 significant bits
+fit in 24), so the results are defined up to the order of the float32 sums,
+whichever backend runs them: the Triton fused kernel on bf16/fp16 tensor
+cores, or any path that rounds its operands first (``round_operand``). fp16
+overflows past 65504. For float32 models only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
+# The reduced precisions and the dtype their product operands are rounded to.
+REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Backends with kernels for the reduced precisions ("ref" rounds like they do).
+REDUCED_BACKENDS = ("triton", "ref")
+
+
+def check_precision(precision: str, what: str = "precision") -> None:
+    """Raise a ValueError naming ``what`` unless ``precision`` is one of ``PRECISIONS``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{what}={precision!r}; expected one of {PRECISIONS}")
+
+
+def is_reduced(precision: str) -> bool:
+    """Whether ``precision`` rounds product operands (bf16, fp16)."""
+    return precision in REDUCED
+
+
+def uses_tf32(precision: str) -> bool:
+    """Whether GPU float32 products may run on TF32."""
+    return precision == "tf32"
+
+
+def cublas_may_use_tf32(precision: str) -> bool:
+    """Whether float32 cuBLAS products may run on TF32 tensor cores for ``precision``.
+
+    For "tf32" because it was asked for; for bf16/fp16 because the operands are
+    rounded first and TF32 (10 fraction bits, 8 exponent bits) holds every bf16
+    and fp16 value exactly, so the products are the same, only faster.
+    """
+    return uses_tf32(precision) or is_reduced(precision)
+
+
+def round_operand(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """``t`` rounded to the operand precision of a product (bf16/fp16), in ``t``'s dtype.
+
+    The identity for "ieee" and "tf32". Differentiable (the rounding passes
+    gradients straight through, as torch's casts do).
+    """
+    low = REDUCED.get(precision)
+    return t if low is None else t.to(low).to(t.dtype)
