@@ -343,15 +343,21 @@ def test_the_graph_path_rounds_products_as_the_op_does():
     assert (f_graph - exact).abs().max() > 1e-4, "bf16 operands change f"
 
 
-@pytest.mark.parametrize("precision", ("ieee", "tf32", "bf16"))
-def test_ref_on_cuda_sets_torch_tf32_flag_for_the_call(monkeypatch, precision):
-    seen = []
+def _record_tf32_scopes(monkeypatch, module) -> list[tuple[str, bool]]:
+    """(device type, allow_tf32) of every torch TF32 scope ``module`` opens, in order."""
+    seen: list[tuple[str, bool]] = []
 
     def scope(device, allow_tf32):
         seen.append((device.type, allow_tf32))
         return cuda_matmul_precision(device, allow_tf32)
 
-    monkeypatch.setattr(ops, "cuda_matmul_precision", scope)
+    monkeypatch.setattr(module, "cuda_matmul_precision", scope)
+    return seen
+
+
+@pytest.mark.parametrize("precision", ("ieee", "tf32", "bf16"))
+def test_ref_on_cuda_sets_torch_tf32_flag_for_the_call(monkeypatch, precision):
+    seen = _record_tf32_scopes(monkeypatch, ops)
     ops.mlp_fwd(*_program(), False, "ref", precision)
     # bf16 operands are exact in TF32, so cuBLAS may use it: same products, faster.
     assert seen == [("cpu", precision != "ieee")]
@@ -361,13 +367,7 @@ def test_ref_on_cuda_sets_torch_tf32_flag_for_the_call(monkeypatch, precision):
 def test_the_generic_tier_sets_torch_tf32_flag_as_configured(monkeypatch, precision):
     from sparsekern import generic
 
-    seen = []
-
-    def scope(device, allow_tf32):
-        seen.append((device.type, allow_tf32))
-        return cuda_matmul_precision(device, allow_tf32)
-
-    monkeypatch.setattr(generic, "cuda_matmul_precision", scope)
+    seen = _record_tf32_scopes(monkeypatch, generic)
     fast = compile_sparse(_mlp(), SparseConfig(tier="generic", precision=precision))
     z = torch.randn(4, 3)
     fast(z)
