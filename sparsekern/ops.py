@@ -77,8 +77,12 @@ def _kernel(name: str, backend: str, device: torch.device) -> Callable[..., Any]
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
-    if backend in ("triton", "cuda") and device.type != "cuda":
-        raise ValueError(f"backend {backend!r} runs on CUDA tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not (
+            device.type == "cpu" and _triton().interpreting()):
+        raise ValueError(f"backend 'triton' runs on CUDA tensors (CPU tensors only under "
+                         f"TRITON_INTERPRET=1), got tensors on {device}")
     module = _LOADERS[backend]()
     return getattr(module, _REF_NAMES[name] if backend == "ref" else name)
 

@@ -611,6 +611,75 @@ class TestReducedPrecisionInterpreted:
                 path(*args, False, precision="bf16")
 
 
+class TestRegistryInterpreted:
+    """The Triton backend through the op registry (``sparsekern.ops``): what a GPU run
+    uses, on CPU tensors here. opcheck (schema, fake tensors, autograd registration,
+    AOT dispatch), gradcheck, and a compiled field under torch.compile(fullgraph=True)."""
+
+    __test__ = INTERPRETED
+
+    def test_sparse_ops_pass_opcheck_and_gradcheck(self):
+        from sparsekern import ops
+
+        p = random_pattern(7, 5, 0.5, seed=4)
+        blocks = BlockedPattern.from_csr(p).tensors()
+        vals = randn(p.nnz, dtype=torch.float64, seed=1).requires_grad_()
+        x = randn(5, 9, dtype=torch.float64, seed=2).requires_grad_()
+        g = randn(7, 9, dtype=torch.float64, seed=3).requires_grad_()
+        torch.library.opcheck(ops.spmm, (*p.tensors(), vals, x, False, "triton"))
+        torch.library.opcheck(ops.spmm, (*p.tensors(), vals, g, True, "triton"))
+        torch.library.opcheck(ops.spmm_blocked, (*p.tensors(), vals, *blocks, x, "triton"))
+        torch.library.opcheck(ops.sddmm, (*p.tensors(), g, x, "triton"))
+        # Each numerical derivative is a kernel call per input element: a smaller problem.
+        q = random_pattern(4, 3, 0.5, seed=5)
+        v, a = vals.detach()[:q.nnz].clone().requires_grad_(), x.detach()[:3, :2].clone()
+        a.requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda v, a: ops.spmm(*q.tensors(), v, a, False, "triton"), (v, a))
+        assert torch.autograd.gradgradcheck(
+            lambda v, a: ops.spmm(*q.tensors(), v, a, False, "triton"), (v, a))
+
+    @pytest.mark.parametrize("layouts", ([LAYOUT_DENSE] * 2, [LAYOUT_CSR, LAYOUT_BLOCKED]),
+                             ids=("fused-kernel", "general-path"))
+    @pytest.mark.parametrize("precision", ("ieee", "bf16"))
+    def test_mlp_ops_pass_opcheck(self, layouts, precision):
+        from sparsekern import ops
+
+        dtype = torch.float64 if precision == "ieee" else torch.float32
+        args = mlp_case((3, 16, 3), layouts, 0.5, "hutchinson", 5, "tanh", dtype)
+        x0 = args[0].clone().requires_grad_()
+        shifts = [h.clone().requires_grad_() for h in args[5]]
+        call = (x0, *args[1:5], shifts, *args[6:], True, "triton", precision)
+        torch.library.opcheck(ops.mlp_fwd, call)
+        f, div, saved = ops.mlp_fwd(*call)
+        torch.library.opcheck(ops.mlp_bwd, (torch.ones_like(f), torch.ones_like(div), *args,
+                                            [t.detach() for t in saved], "triton", precision))
+
+    def test_compiled_field_runs_under_torch_compile(self):
+        from torch import nn
+
+        from sparsekern import SparseConfig, compile_sparse
+
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                            nn.Linear(16, 2))
+        with torch.no_grad():
+            net[2].weight[torch.rand(16, 16) < 0.7] = 0.0
+        fast = compile_sparse(net, SparseConfig(backend="triton"))
+        assert fast.backend == "triton"
+        z, e = torch.randn(37, 2), torch.randn(37, 2)
+
+        def f_div(z, e):
+            return fast.forward_and_divergence(None, z, e)
+
+        compiled = torch.compile(f_div, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            f, div = compiled(z, e)
+            rf, rdiv = f_div(z, e)
+        torch.testing.assert_close(f, net(z), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close((f, div), (rf, rdiv), rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------ parent process
 
 

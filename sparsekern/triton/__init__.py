@@ -18,8 +18,16 @@ import os
 
 import torch
 
-__all__ = ["aot_compile", "aot_variants", "available", "mlp_bwd", "mlp_fwd", "sddmm", "spmm",
-           "spmm_blocked"]
+__all__ = ["aot_compile", "aot_variants", "available", "interpreting", "mlp_bwd", "mlp_fwd",
+           "sddmm", "spmm", "spmm_blocked"]
+
+
+def interpreting() -> bool:
+    """Whether triton.jit builds interpreted kernels in this process (``TRITON_INTERPRET=1``).
+
+    Then the kernels run on CPU tensors too, through the op registry as anywhere.
+    """
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available() -> bool:
@@ -28,7 +36,7 @@ def available() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or interpreting()
 
 
 def spmm(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor, col_t: torch.Tensor,

@@ -15,21 +15,16 @@ path leaves to cuBLAS.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton.language as tl
 
 from sparsekern.config import cuda_matmul_precision
 from sparsekern.precision import check_precision, cublas_may_use_tf32, is_reduced, uses_tf32
+from sparsekern.triton import interpreting
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 AOT_DTYPES = {torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def interpreting() -> bool:
-    """Whether triton.jit builds interpreted kernels in this process."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def check_device(t: torch.Tensor) -> None:
