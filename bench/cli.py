@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace, command: list[str] | None, device: torch.devi
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
     cases, metrics, names, budget = sel.cases, sel.metrics, sel.providers, sel.budget_s
-    skipped = {n: registry[n].unavailable(device) for n in names}
+    skipped = {n: registry[n].unavailable(device, settings.dtype) for n in names}
     skipped = {n: why for n, why in skipped.items() if why}
     providers: list[Provider] = [registry[n] for n in names if n not in skipped]
     for n, why in skipped.items():

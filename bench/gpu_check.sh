@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks of the Triton and CUDA backends, prepared for a session with a lent GPU
-# (DEVELOPERS.md, "GPU"): each phase fits one device call (under 10 minutes on an H100/H200).
+# (the developers' guide, "GPU"): each phase is meant to fit one device call (10 minutes).
 #
 #   bash bench/gpu_check.sh versions      # GPU, driver, torch, CUDA, Triton; missing modules
+#   bash bench/gpu_check.sh build         # the C++ and CUDA extensions (nvcc: minutes), cached
 #   bash bench/gpu_check.sh tests         # the whole suite on the GPU, backend "auto"
-#   bash bench/gpu_check.sh forced        # the engine and kernel tests, triton then cuda forced
+#   bash bench/gpu_check.sh forced        # the engine tests, backend triton then cuda forced
 #   bash bench/gpu_check.sh bench         # python -m bench on cuda: f with divergence, all cases
 #
 # Everything lands under $OUT (the device tool's folder that comes back), else
 # /tmp/gpu_check: versions.txt, one pytest log per run, bench/ with results.json/.md.
 # It installs nothing (the device machine reaches no network): run it where torch,
 # triton, torchdiffeq, pytest, hypothesis, tqdm and matplotlib import; "versions" lists
-# what does not. The last lines printed are a summary table.
+# what does not. Run "build" first on a fresh machine: the extensions are cached under
+# ~/.cache/sparsekern there for the later phases. The last lines printed are a summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu_check}"
@@ -64,6 +66,18 @@ case "${1:-}" in
   versions)
     versions
     ;;
+  build)
+    need_gpu
+    start=$SECONDS
+    timeout 560 python -c "
+from sparsekern.backends import cpu, cuda
+cpu.extension()
+cuda.extension()
+print('built the cpu and cuda extensions')" > "$out/build.log" 2>&1
+    rc=$?
+    summary+=("$(printf '%-22s rc=%-3s %4ss  %s' build "$rc" "$((SECONDS - start))" \
+      "$(tail -n 1 "$out/build.log")")")
+    ;;
   tests)
     need_gpu
     versions > /dev/null
@@ -88,7 +102,7 @@ case "${1:-}" in
     [[ -f $out/bench/results.md ]] && head -n 40 "$out/bench/results.md"
     ;;
   *)
-    sed -n '2,13p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac

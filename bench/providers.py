@@ -76,8 +76,9 @@ class Provider:
     name = "?"
     description = ""
 
-    def unavailable(self, device: torch.device) -> str | None:
-        """None if the provider runs on ``device``, else why not."""
+    def unavailable(self, device: torch.device, dtype: torch.dtype = torch.float32
+                    ) -> str | None:
+        """None if the provider runs on ``device`` in ``dtype``, else why not."""
         return None
 
     def prepare(self, net: nn.Module, batch: int) -> Prepared:
@@ -391,7 +392,8 @@ class TorchBSR(Provider):
                    f"{BSR_BLOCKSIZES} with at most {BSR_MAX_FILL:g}x fill, padded), "
                    "autograd divergence")
 
-    def unavailable(self, device: torch.device) -> str | None:
+    def unavailable(self, device: torch.device, dtype: torch.dtype = torch.float32
+                    ) -> str | None:
         return bsr_unavailable(str(device))
 
     def prepare(self, net: nn.Module, batch: int) -> Prepared:
@@ -443,13 +445,16 @@ class Sparsekern(Provider):
         self.description = description
         self.precision = precision
 
-    def unavailable(self, device: torch.device) -> str | None:
+    def unavailable(self, device: torch.device, dtype: torch.dtype = torch.float32
+                    ) -> str | None:
         from sparsekern.precision import is_reduced
 
         if is_reduced(self.precision):
             # Elsewhere "auto" would run the reference's rounding: a check, not a peer.
             if device.type != "cuda":
                 return f"{self.precision} products have kernels on CUDA only (Triton)"
+            if dtype != torch.float32:
+                return f"{self.precision} products round float32 models; this run is {dtype}"
             return _sparsekern_backend_reason("triton", device)
         return None if self.backend == "auto" else _sparsekern_backend_reason(self.backend,
                                                                                device)

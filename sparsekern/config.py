@@ -107,10 +107,11 @@ class SparseConfig:
             near tie may go either way from run to run); False picks by a
             density rule alone, so the same masks always give the same layouts
             and bit-identical results (the pipeline's resumable runs use this).
-        precision: the fused tier's products (``sparsekern.precision``).
+        precision: the products' precision (``sparsekern.precision``).
             "ieee" (default): exact float32, whatever torch's global TF32 flag
             says, because adaptive solvers need the accuracy. "tf32": GPU
-            kernels may use TF32 tensor cores for float32. "bf16" / "fp16":
+            kernels and cuBLAS may use TF32 tensor cores for float32 (both
+            tiers). "bf16" / "fp16" (the fused tier only):
             product operands rounded to bfloat16 / float16, float32
             accumulation, everything else float32; for float32 models on the
             "triton" backend (tensor cores) or "ref" (the same rounding, for
@@ -142,11 +143,13 @@ class SparseConfig:
                 )
         check_precision(self.precision, "SparseConfig.precision")
         if is_reduced(self.precision) and self.backend in ("cpu", "cuda"):
+            source = (f" (the default from ${BACKEND_ENV})"
+                      if os.environ.get(BACKEND_ENV, "").strip() == self.backend else "")
             raise ValueError(
-                f"SparseConfig(precision={self.precision!r}, backend={self.backend!r}): the "
-                f"{self.backend} kernels compute exact float32 products; {self.precision} "
-                f"products run on backend 'triton' (tensor cores) or 'ref' (the same rounding, "
-                f"for testing), or leave backend='auto'"
+                f"SparseConfig(precision={self.precision!r}, backend={self.backend!r}{source}): "
+                f"the {self.backend} kernels compute exact float32 products; "
+                f"{self.precision} products run on backend 'triton' (tensor cores) or 'ref' "
+                f"(the same rounding, for testing), or leave backend='auto'"
             )
         if self.batch_hint < 1:
             raise ValueError(f"SparseConfig.batch_hint must be >= 1, got {self.batch_hint}")

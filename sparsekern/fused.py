@@ -37,7 +37,7 @@ from sparsekern.cost import choose_layout
 from sparsekern.field import CompiledField
 from sparsekern.linear import CoreMatrix, KeptTensor
 from sparsekern.masks import MaskedTensor, masked_tensor
-from sparsekern.precision import cublas_may_use_tf32, round_operand
+from sparsekern.precision import cublas_may_use_tf32, round_cotangent, round_operand
 
 
 @dataclass
@@ -378,14 +378,16 @@ class FusedMLP(CompiledField):
         backend = self.backend
         act = ACT_FNS[self.act]
         program = self._program(t, z)
-        # The op's products: bf16/fp16 operands rounded as it rounds them; dense cores
-        # multiply with torch's matmul, TF32 as configured (its backward runs later,
-        # under the caller's setting; the sparse ops are exact either way).
+        # The op's products, forward and backward: bf16/fp16 operands and cotangents
+        # rounded as mlp_fwd/mlp_bwd round them. Dense cores multiply with torch's
+        # matmul, TF32 as configured (its backward runs later, under the caller's
+        # setting; the sparse ops are exact either way).
         precision = self.config.precision
         with cuda_matmul_precision(z.device, cublas_may_use_tf32(precision)):
             for i, (layer, scale, shift) in enumerate(program):
-                m = layer.core.matmul(round_operand(layer.weight.values, precision),
-                                      round_operand(h, precision), backend)
+                m = round_cotangent(layer.core.matmul(
+                    round_operand(layer.weight.values, precision), round_operand(h, precision),
+                    backend), precision)
                 a = (m if scale is None else scale[:, None] * m) + shift[:, None]
                 h = act(a) if i + 1 < len(program) else a
         return h.t()

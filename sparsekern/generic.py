@@ -79,11 +79,13 @@ class GenericField(CompiledField):
     def __init__(self, source: nn.Module, config: SparseConfig) -> None:
         if is_reduced(config.precision):
             # Computing exactly instead would quietly ignore what was asked for.
+            why = ("tier='generic' was requested" if config.tier == "generic" else
+                   f"{type(source).__name__} is not a recognised MLP (flows.ODEnet, an "
+                   "nn.Sequential chain), so it compiles to the generic tier")
             raise CompileError(
                 f"SparseConfig.precision={config.precision!r} rounds the products of the fused "
-                f"tier (recognised MLPs: flows.ODEnet, nn.Sequential chains); "
-                f"{type(source).__name__} compiles to the generic tier, whose products are "
-                "exact float32: use precision='ieee' (or 'tf32')"
+                f"tier; {why}, whose products are exact float32: use precision='ieee' (or "
+                "'tf32')" + (", or tier='auto'" if config.tier == "generic" else "")
             )
         super().__init__(source, config)
         self.sparse: dict[str, SparseLinear] = {}

@@ -11,10 +11,12 @@ rounding rule: CPUs and float64 compute exactly.
 to bfloat16 / float16 (round to nearest even) and accumulate in float32;
 everything else stays float32: the state, the bias and gate terms, the
 activations and their derivatives, the divergence sums. A product of two bf16
-or two fp16 numbers is exact in float32 (8 + 8 and 11 + 11 significant bits
-fit in 24), so the results are defined up to the order of the float32 sums,
-whichever backend runs them: the Triton fused kernel on bf16/fp16 tensor
-cores, or any path that rounds its operands first (``round_operand``). fp16
+or two fp16 numbers is exact in float32 away from overflow and underflow (8 + 8
+and 11 + 11 significant bits fit in 24), so the results are defined up to the
+order of the float32 sums, whichever backend runs them: the Triton fused kernel
+on bf16/fp16 tensor cores (dense programs of width <= 256), or any path that
+rounds its operands first and multiplies in float32 (``round_operand``: the
+Triton general path for CSR, blocked and wide layers, and "ref"). fp16
 overflows past 65504. For float32 models only.
 """
 
@@ -55,11 +57,54 @@ def cublas_may_use_tf32(precision: str) -> bool:
     return uses_tf32(precision) or is_reduced(precision)
 
 
+def _rounded(t: torch.Tensor, low: torch.dtype) -> torch.Tensor:
+    return t.detach().to(low).to(t.dtype)
+
+
+class _RoundOperand(torch.autograd.Function):
+    """Round in forward; pass the gradient through unrounded (straight through)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, low: torch.dtype) -> torch.Tensor:
+        return _rounded(t, low)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _RoundCotangent(torch.autograd.Function):
+    """The identity in forward; round the gradient in backward (straight through again)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, low: torch.dtype) -> torch.Tensor:
+        ctx.low = low
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _RoundOperand.apply(grad, ctx.low), None
+
+
 def round_operand(t: torch.Tensor, precision: str) -> torch.Tensor:
     """``t`` rounded to the operand precision of a product (bf16/fp16), in ``t``'s dtype.
 
-    The identity for "ieee" and "tf32". Differentiable (the rounding passes
-    gradients straight through, as torch's casts do).
+    The identity for "ieee" and "tf32". Under autograd the gradient passes
+    through unrounded: a cast's own backward would round the gradient instead,
+    which is not what the program's backward products do (``round_cotangent``).
     """
     low = REDUCED.get(precision)
-    return t if low is None else t.to(low).to(t.dtype)
+    return t if low is None else _RoundOperand.apply(t, low)
+
+
+def round_cotangent(t: torch.Tensor, precision: str) -> torch.Tensor:
+    """``t`` unchanged; under autograd its gradient is rounded like a product operand.
+
+    Wrapped around a product's output, it makes autograd's backward products
+    (W^T g, g X^T) take the rounded cotangent g as their operand, as the fused
+    program's hand-written backward does; with ``round_operand`` on the inputs,
+    autograd through ``round_cotangent(round_operand(W) @ round_operand(X))``
+    is that backward. The identity for "ieee" and "tf32".
+    """
+    low = REDUCED.get(precision)
+    return t if low is None else _RoundCotangent.apply(t, low)

@@ -330,17 +330,34 @@ def test_compiled_field_passes_its_config_to_the_kernels(recorded, precision):
     torch.testing.assert_close(f, net(z), rtol=tol, atol=tol)
 
 
-def test_the_graph_path_rounds_products_as_the_op_does():
-    # forward() with a graph to record runs PyTorch, not the op: bf16 must give the same f.
+@pytest.mark.parametrize("precision", ("bf16", "fp16"))
+def test_the_graph_path_rounds_products_as_the_op_does(precision):
+    # forward() with a graph to record runs PyTorch, not the op: f and every gradient
+    # must come out as mlp_fwd/mlp_bwd give them (rounded operands and cotangents,
+    # float32 results), not as torch's casts would (rounded gradients).
     net = _mlp(width=37)
-    fast = compile_sparse(net, SparseConfig(backend="ref", layout="dense", precision="bf16"))
-    z = torch.randn(16, 3)
-    with torch.no_grad():
-        f_op = fast(torch.tensor(0.0), z) if fast.arity == 2 else fast(z)
-    f_graph = fast(z.clone().requires_grad_())
+    fast = compile_sparse(net, SparseConfig(backend="ref", layout="dense", precision=precision))
+    gen = torch.Generator().manual_seed(1)
+    z, g = torch.randn(16, 3, generator=gen), torch.randn(16, 3, generator=gen)
+
+    def grads(run):
+        fast.zero_grad()
+        zz = z.clone().requires_grad_()
+        f = run(zz)
+        (f * g).sum().backward()
+        return f.detach(), [zz.grad, *[p.grad.clone() for p in fast.parameters()]]
+
+    f_graph, g_graph = grads(fast)
+    f_op, g_op = grads(lambda zz: fast.forward_and_divergence(None, zz, torch.ones_like(zz))[0])
     torch.testing.assert_close(f_graph, f_op, rtol=1e-6, atol=1e-6)
-    exact = net(z)
-    assert (f_graph - exact).abs().max() > 1e-4, "bf16 operands change f"
+    # The two sum in other orders, so a cotangent can round to its neighbour now and then.
+    unit = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}[precision]
+    for a, b in zip(g_graph, g_op, strict=True):
+        assert ((a - b).norm() / b.norm()).item() < unit / 8
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert any(not torch.equal(t, t.to(low).float()) for t in g_graph), (
+        "float32 gradients, not gradients rounded to the operand type")
+    assert (f_graph - net(z)).abs().max() > unit * 1e-2, f"{precision} operands change f"
 
 
 def _record_tf32_scopes(monkeypatch, module) -> list[tuple[str, bool]]:
@@ -396,10 +413,15 @@ def test_precision_must_be_known():
 
 
 @pytest.mark.parametrize("backend", ("cpu", "cuda"))
-def test_reduced_precision_on_an_exact_only_backend_is_refused_in_the_config(backend):
+def test_reduced_precision_on_an_exact_only_backend_is_refused_in_the_config(backend,
+                                                                              monkeypatch):
     with pytest.raises(ValueError, match=rf"precision='bf16', backend='{backend}'\): the "
                                          rf"{backend} kernels compute exact float32 products"):
         SparseConfig(precision="bf16", backend=backend)
+    monkeypatch.setenv("SPARSEKERN_BACKEND", backend)
+    with pytest.raises(ValueError, match=rf"backend='{backend}' \(the default from "
+                                         r"\$SPARSEKERN_BACKEND\)\)"):
+        SparseConfig(precision="fp16")
 
 
 @pytest.mark.parametrize("precision", ("bf16", "fp16"))
@@ -432,10 +454,25 @@ def test_reduced_precision_needs_a_float32_model():
     assert next(fast.parameters()).dtype == torch.float32, "nothing was converted"
 
 
+class _Residual(nn.Module):
+    """Not a recognised MLP: the generic tier compiles it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, t, z):
+        return z + torch.tanh(self.lin(z))
+
+
 def test_the_generic_tier_refuses_reduced_precision():
     with pytest.raises(CompileError, match=r"precision='bf16' rounds the products of the fused "
-                                           r"tier.*Sequential compiles to the generic tier"):
+                                           r"tier; tier='generic' was requested, whose products "
+                                           r"are exact float32: .*, or tier='auto'"):
         compile_sparse(_mlp(), SparseConfig(precision="bf16", tier="generic", backend="ref"))
+    with pytest.raises(CompileError, match=r"fp16' rounds the products of the fused tier; "
+                                           r"_Residual is not a recognised MLP"):
+        compile_sparse(_Residual(), SparseConfig(precision="fp16", backend="ref"))
     # TF32 is a permission, not a rounding rule: the generic tier takes it.
     assert compile_sparse(_mlp(), SparseConfig(precision="tf32", tier="generic")).tier == \
         "generic"

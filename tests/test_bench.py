@@ -258,6 +258,8 @@ def test_reduced_precision_providers_run_on_cuda_only_and_are_checked_loosely():
                                                    "CUDA only (Triton)")
         assert registry[name].config(64).precision == precision
     assert not set(REDUCED_PROVIDERS) & set(default_providers(CPU, registry))
+    assert registry["sparsekern_bf16"].unavailable(torch.device("cuda"), torch.float64) == (
+        "bf16 products round float32 models; this run is torch.float64")
     # The provider itself, on CPU through the reference's rounding: rows say the precision.
     net = build_field(Case(TINY, "unstructured", 0.4))
     prepared = Sparsekern("x", backend="ref", precision="bf16").prepare(net, 64)

@@ -282,15 +282,16 @@ def test_gpu_check_script_explains_itself_and_refuses_without_a_gpu(tmp_path):
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2
-    for phase in ("versions", "tests", "forced", "bench"):
+    for phase in ("versions", "build", "tests", "forced", "bench"):
         assert f"bash bench/gpu_check.sh {phase}" in usage.stdout
+    assert usage.stdout.rstrip().endswith("The last lines printed are a summary.")
     env = dict(os.environ, OUT=str(tmp_path))
     versions = subprocess.run(["bash", str(script), "versions"], capture_output=True, text=True,
                               env=env)
     assert versions.returncode == 0
     assert f"torch {torch.__version__}" in (tmp_path / "versions.txt").read_text()
     if not torch.cuda.is_available():
-        for phase in ("tests", "forced", "bench"):
+        for phase in ("build", "tests", "forced", "bench"):
             run = subprocess.run(["bash", str(script), phase], capture_output=True, text=True,
                                  env=env)
             assert run.returncode == 2 and "no CUDA GPU" in run.stderr, phase

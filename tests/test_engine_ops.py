@@ -436,7 +436,7 @@ def test_fused_backward_passes_opcheck(backend, mode):
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in REDUCED_BACKENDS])
 @pytest.mark.parametrize("precision", ("bf16", "fp16"))
-def test_reduced_precision_program_passes_opcheck_and_rounds_every_product(backend, precision):
+def test_reduced_precision_program_passes_opcheck_and_stays_near_the_exact_one(backend, precision):
     layouts = [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_BLOCKED]
     args = _fused_case(torch.float32, (3, 37, 59, 3), 0.6, "hutchinson", 5, "tanh", layouts)
     x0, tan0, probe, weights, scales, shifts, layouts, act, exact = args
@@ -457,6 +457,49 @@ def test_reduced_precision_program_passes_opcheck_and_rounds_every_product(backe
     # The gradient reaches x0 and the shifts through the hand-written backward.
     (f.sum() + div.sum()).backward()
     assert x0.grad is not None and all(h.grad is not None for h in shifts)
+
+
+@pytest.mark.parametrize("precision", ("bf16", "fp16"))
+def test_reference_rounds_the_operands_of_every_product_by_hand(precision):
+    # The reference against the program written out in float64 from rounded operands:
+    # what the kernels are held to must itself be right.
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    def r(t):
+        return t.to(low).double()
+
+    gen = torch.Generator().manual_seed(3)
+    n0, n1, d, b = 5, 7, 4, 6
+    x0, tan0 = torch.randn(n0, b, generator=gen), torch.randn(1, n0, b, generator=gen)
+    probe = torch.randn(1, d, b, generator=gen)
+    w1, w2 = torch.randn(n1, n0, generator=gen), torch.randn(d, n1, generator=gen)
+    h1, h2 = torch.randn(n1, generator=gen), torch.randn(d, generator=gen)
+    none = torch.empty(0)
+    x_in = torch.cat([x0, tan0[0]], 1)
+    # Two layers forward: the hidden activations and tangents are rounded too.
+    f, div, _ = mlp_fwd_ref(x0, tan0, probe, [w1, w2], [none, none], [h1, h2],
+                            [LAYOUT_DENSE] * 2, ACT_IDS["tanh"], False, False,
+                            precision=precision)
+    m1 = r(w1) @ r(x_in)
+    a1 = m1[:, :b] + h1.double()[:, None]
+    x1 = torch.cat([torch.tanh(a1), (1 - torch.tanh(a1) ** 2) * m1[:, b:]], 1).float()
+    m2 = r(w2) @ r(x1)
+    torch.testing.assert_close(f.double(), m2[:, :b] + h2.double()[:, None], rtol=1e-6,
+                               atol=1e-6)
+    torch.testing.assert_close(div.double(), (probe[0].double() * m2[:, b:]).sum(0),
+                               rtol=1e-5, atol=1e-5)
+    # One layer backward: W^T Mbar and Mbar X^T both take rounded operands.
+    gf, gd = torch.randn(d, b, generator=gen), torch.randn(b, generator=gen)
+    _, _, saved = mlp_fwd_ref(x0, tan0, probe, [w2[:, :n0]], [none], [h2], [LAYOUT_DENSE],
+                              ACT_IDS["tanh"], False, True, precision=precision)
+    gx, gw, _, gh = mlp_bwd_ref(gf, gd, x0, tan0, probe, [w2[:, :n0]], [none], [h2],
+                                [LAYOUT_DENSE], ACT_IDS["tanh"], False, saved,
+                                precision=precision)
+    mbar = torch.cat([gf, probe[0] * gd], 1)
+    torch.testing.assert_close(gw[0].double(), r(mbar) @ r(x_in).t(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx.double(), r(w2[:, :n0]).t() @ r(mbar)[:, :b], rtol=1e-6,
+                               atol=1e-6)
+    torch.testing.assert_close(gh[0], gf.sum(1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

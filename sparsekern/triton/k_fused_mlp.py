@@ -19,11 +19,12 @@ Two paths, picked by ``mlp_fwd`` / ``mlp_bwd``:
   per-program partial sums of the shift and scale gradients) then W_l^T times
   them; the weight gradients are one dense GEMM per layer afterwards (they sum
   over the batch, across programs).
-- General (CSR, blocked or wide layers): per layer one product (dense: cuBLAS
-  with TF32 off; CSR and blocked: ``k_spmm``) and one Triton epilogue kernel;
-  the backward uses ``k_sddmm`` for sparse weight gradients and the CSR's stored
-  transpose for W^T. For bf16/fp16 it rounds the operands of each product
-  before it (``round_operand``), which gives the fused kernel's products.
+- General (CSR, blocked or wide layers): per layer one product (dense: cuBLAS,
+  TF32 off unless the precision allows it; CSR and blocked: ``k_spmm``) and
+  one Triton epilogue kernel; the backward uses ``k_sddmm`` for sparse weight
+  gradients and the CSR's stored transpose for W^T. For bf16/fp16 it rounds
+  the operands of each product before it (``round_operand``), which gives the
+  fused kernel's products.
 
 Both paths share the activation code (``_act_d1``, ``_act_d1_d2``, written to
 match ``sparsekern.activations.act_ref``, Triton's core math only so it also
