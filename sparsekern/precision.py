@@ -57,16 +57,12 @@ def cublas_may_use_tf32(precision: str) -> bool:
     return uses_tf32(precision) or is_reduced(precision)
 
 
-def _rounded(t: torch.Tensor, low: torch.dtype) -> torch.Tensor:
-    return t.detach().to(low).to(t.dtype)
-
-
 class _RoundOperand(torch.autograd.Function):
     """Round in forward; pass the gradient through unrounded (straight through)."""
 
     @staticmethod
     def forward(ctx, t: torch.Tensor, low: torch.dtype) -> torch.Tensor:
-        return _rounded(t, low)
+        return t.to(low).to(t.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
