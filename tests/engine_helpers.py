@@ -9,8 +9,22 @@ from torch import nn
 
 from sparsekern.linear import KeptTensor
 
+
 # The device the engine tests build their tensors and models on: "cpu" unless the
 # environment says otherwise (SPARSEKERN_TEST_DEVICE=cuda on a GPU machine).
+class Counted(nn.Module):
+    """func(t, z) for torchdiffeq that counts its evaluations (``nfe``)."""
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.field = field
+        self.nfe = 0
+
+    def forward(self, t, z):
+        self.nfe += 1
+        return self.field(t, z)
+
+
 DEVICE = torch.device(os.environ.get("SPARSEKERN_TEST_DEVICE", "cpu"))
 
 # DESIGN.md: fp32 within 1e-5 relative, float64 to 1e-12 (issue: 1e-10). Errors are

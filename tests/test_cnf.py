@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from engine_helpers import Counted
 
 from flows import (
     CNF,
@@ -28,17 +28,6 @@ def random_cnf(dim=2, hidden=(16, 16), time="concat", scale=2.0, **kw):
     kw.setdefault("atol", 1e-8)
     kw.setdefault("rtol", 1e-8)
     return CNF(net, divergence=kw.pop("divergence", "exact"), **kw).double()
-
-
-class CountingNet(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-        self.calls = 0
-
-    def forward(self, t, z):
-        self.calls += 1
-        return self.net(t, z)
 
 
 def test_density_integrates_to_one():
@@ -119,14 +108,14 @@ def test_sample_draws_from_the_base_with_the_model_dtype():
 
 @pytest.mark.parametrize("adjoint", [False, True])
 def test_nfe_counters_equal_calls_of_f(adjoint):
-    counting = CountingNet(ODEnet(2, (8, 8), time="concat").double())
+    counting = Counted(ODEnet(2, (8, 8), time="concat").double())
     flow = CNF(counting, adjoint=adjoint, atol=1e-6, rtol=1e-6).double()
     x = torch.randn(32, 2, dtype=F64)
     loss = -flow.log_prob(x).mean()
-    assert flow.nfe_forward == counting.calls > 0
-    before = counting.calls
+    assert flow.nfe_forward == counting.nfe > 0
+    before = counting.nfe
     loss.backward()
-    assert flow.nfe_backward == counting.calls - before
+    assert flow.nfe_backward == counting.nfe - before
     if adjoint:
         assert flow.nfe_backward > 0
     else:

@@ -14,6 +14,7 @@ from engine_helpers import (
     DEVICE,
     F32_TOL,
     F64_TOL,
+    Counted,
     assert_as_accurate,
     compiled_grads,
     dense_grads,
@@ -32,19 +33,6 @@ from sparsekern.generic import detached_copy
 
 # Solver tolerances per dtype: float32 cannot resolve much below 1e-6.
 TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-8}
-
-
-class Counted(nn.Module):
-    """func(t, z) for torchdiffeq that counts its evaluations."""
-
-    def __init__(self, field: nn.Module) -> None:
-        super().__init__()
-        self.field = field
-        self.nfe = 0
-
-    def forward(self, t, z):
-        self.nfe += 1
-        return self.field(t, z)
 
 
 class HyperField(nn.Module):

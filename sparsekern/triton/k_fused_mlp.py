@@ -885,9 +885,8 @@ def aot_variants(dtype: torch.dtype, acts: tuple[int, ...] = (ACT_IDS["tanh"],),
     p = f"*{t}"
     bb, ch, kc = _fused_config(4096, 64)
     prec = dot_precision(dtype, precision)
-    lowp = {"bf16": LOWP_BF16, "fp16": LOWP_FP16}.get(precision, LOWP_NONE)
-    if dtype != torch.float32:
-        lowp = LOWP_NONE
+    lowp = dot_operands(dtype, precision, compiled=True) if dtype == torch.float32 \
+        else LOWP_NONE
     br, bblk = 4, 128
     out = []
     for act in acts:

@@ -69,11 +69,12 @@ def dot_precision(dtype: torch.dtype, precision: str) -> str:
 LOWP_NONE, LOWP_BF16, LOWP_FP16, LOWP_BF16_EMULATED = 0, 1, 2, 3
 
 
-def dot_operands(dtype: torch.dtype, precision: str) -> int:
+def dot_operands(dtype: torch.dtype, precision: str, compiled: bool | None = None) -> int:
     """The fused kernels' ``LOWP`` constexpr: the type ``tl.dot``'s operands are cast to.
 
-    bf16 and fp16 (float32 inputs only) cast to tensor-core types. Under the
-    interpreter bf16 is rounded in float32 bits instead (``LOWP_BF16_EMULATED``):
+    bf16 and fp16 (float32 inputs only) cast to tensor-core types. ``compiled``:
+    for a GPU build (default: unless this process interprets). Interpreted, bf16
+    is rounded in float32 bits instead (``LOWP_BF16_EMULATED``):
     its bf16 cast truncates and its dot multiplies the raw 16-bit patterns, while
     fp16 it computes correctly. The products are the same either way (exact in
     float32), so only the order of the float32 sums differs.
@@ -86,7 +87,8 @@ def dot_operands(dtype: torch.dtype, precision: str) -> int:
                         f"products; the program is {dtype}")
     if precision == "fp16":
         return LOWP_FP16
-    return LOWP_BF16_EMULATED if interpreting() else LOWP_BF16
+    compiled = not interpreting() if compiled is None else compiled
+    return LOWP_BF16 if compiled else LOWP_BF16_EMULATED
 
 
 def cublas_fp32(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
