@@ -552,8 +552,12 @@ def resolve_providers(requested: list[str] | None, device: torch.device,
     else:
         names = []
         for r in requested:
-            expand = {"default": default_providers(device, registry),
-                      "all": list(registry)}.get(r, [r])
+            # default_providers only when asked for: on a GPU it checks the CUDA
+            # extension, which builds it (minutes of nvcc) on a fresh machine.
+            if r == "default":
+                expand = default_providers(device, registry)
+            else:
+                expand = list(registry) if r == "all" else [r]
             for n in expand:
                 if n not in registry:
                     raise ValueError(f"unknown provider {n!r}; known: {', '.join(registry)}")

@@ -8,15 +8,50 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
+from flows.analysis.settings import ANALYSIS_SETTINGS
+from flows.checkpoint import PathError, check_output_dir, check_output_file
 from flows.pipeline import RUN_DEFAULTS
 from flows.presets import PRESETS, load_config_file, parse_assignment
 from flows.prune import PRUNE_METHODS
+from flows.settings import CYCLE, SAMPLES, SCHEMA, THREADS, Setting
 
 DEMO_SETTINGS = {"cycles": 4, "iters": 400, "prune_ratio": 0.3}
+SAMPLE_SUFFIXES = (".png", ".pt")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: "sparseflow sample: error: argument -n: expected ..."."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
+def _typed(spec: Setting, name: str) -> Any:
+    """An argparse ``type`` that parses and range-checks a flag with ``spec``."""
+
+    def parse(text: str) -> Any:
+        try:
+            return spec.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _setting(key: str) -> Any:
+    """The argparse ``type`` of a flag that sets configuration value ``key`` (flows.settings)."""
+    return _typed(SCHEMA[key], key)
+
+
+def _analysis(name: str) -> Any:
+    """The argparse ``type`` of an analysis flag (flows.analysis.settings)."""
+    return _typed(ANALYSIS_SETTINGS[name], name)
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, pruning: bool) -> None:
@@ -38,44 +73,44 @@ def _add_run_arguments(p: argparse.ArgumentParser, pruning: bool) -> None:
         )
         p.add_argument(
             "--prune-ratio",
-            type=float,
+            type=_setting("prune.prune_ratio"),
             default=None,
             help="per cycle: fraction of the remaining weights (unstructured) or of the live "
             "neurons of each hidden layer (structured); preset: Table S1-S3",
         )
         p.add_argument(
             "--cycles",
-            type=int,
+            type=_setting("run.cycles"),
             default=None,
             help=f"prune cycles after the dense warm start (default: {RUN_DEFAULTS['cycles']})",
         )
         p.add_argument(
             "--target-ratio",
-            type=float,
+            type=_setting("run.target_ratio"),
             default=None,
             help="stop once this overall prune ratio (of weights) is reached (default: none)",
         )
         p.add_argument(
             "--patience",
-            type=int,
+            type=_setting("run.patience"),
             default=None,
             help="stop after this many cycles without a better validation loss (default: none)",
         )
     p.add_argument(
         "--iters",
-        type=int,
+        type=_setting("run.iters"),
         default=None,
         help="training iterations per cycle (default: the preset's epochs x --budget)",
     )
     p.add_argument(
         "--budget",
-        type=float,
+        type=_setting("run.budget"),
         default=None,
         help="scale the preset's epochs per cycle, e.g. 0.1 for a quick look",
     )
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_setting("run.seed"), default=None)
     p.add_argument("--data-root", default=None, help="directory of the tabular / image files")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None)
+    p.add_argument("--dtype", choices=SCHEMA["run.dtype"].choices, default=None)
     p.add_argument(
         "--config", default=None, help="YAML or JSON file of overrides (nested like config.json)"
     )
@@ -94,7 +129,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, pruning: bool) -> None:
         "or on the dense masked model (default: compiled)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_typed(THREADS, "threads"), help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -131,13 +166,17 @@ def merge_free(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def _run(args: argparse.Namespace, pruning: bool) -> list[dict[str, Any]]:
     from flows.pipeline import run_pipeline
     from flows.report import results_table
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = config_from_args(args, pruning)
+    _set_threads(args.threads)
     rows = run_pipeline(config, args.out, resume=args.resume, progress=not args.no_progress)
     print(results_table(rows, config))
     print(f"results: {Path(args.out) / 'results.json'}, report: {Path(args.out) / 'results.md'}")
@@ -159,29 +198,51 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_sample(args: argparse.Namespace) -> Path:
+    from flows.checkpoint import save_atomic, write_bytes_atomic
+    from flows.finite import nonfinite_rows
     from flows.pipeline import load_cycle_model
 
-    model, config, _ = load_cycle_model(args.run, args.cycle)
-    if config["task"] != "density":
-        raise SystemExit(f"run {args.run} is a {config['task']} run; only density flows sample")
-    x = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix not in SAMPLE_SUFFIXES:
+        raise PathError(
+            out,
+            f"--out {out} must end in .png (a 2D scatter plot) or .pt (a tensor file), "
+            f"not {out.suffix or 'no suffix'!r}",
+        )
+    check_output_file(out, "--out file")
+    model, config, data = load_cycle_model(args.run, args.cycle)
+    if config["task"] != "density":
+        raise ValueError(f"run {args.run} is a {config['task']} run; only density flows sample")
+    if out.suffix == ".png" and tuple(data.train.shape[1:]) != (2,):
+        raise ValueError(
+            f"PNG output is for 2D data, but run {args.run} has samples of shape "
+            f"{list(data.train.shape[1:])}; use a .pt file for other shapes"
+        )
+    x = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
+    bad = int(nonfinite_rows(x).numel())
+    if bad:
+        raise ValueError(
+            f"the model of run {args.run} produced {bad} of {args.n} non-finite samples (NaN "
+            "or inf) from finite weights and base noise: the reverse solve diverged; nothing "
+            f"was written to {out}"
+        )
     if out.suffix == ".png":
+        import io
+
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        if x.dim() != 2 or x.shape[1] != 2:
-            raise SystemExit("PNG output is for 2D data; use a .pt file for other shapes")
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
         ax.set_aspect("equal")
-        fig.savefig(out, dpi=100)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
+        write_bytes_atomic(buf.getvalue(), out)
     else:
-        torch.save(x, out)
+        save_atomic(x, out)
     print(f"{args.n} samples -> {out}")
     return out
 
@@ -206,9 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
     from flows.pipeline import build_config, run_pipeline
     from flows.report import render_report, results_table
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out demo directory")
     t0 = time.perf_counter()
     configs = {
         method: build_config(
@@ -226,6 +285,7 @@ def cmd_demo(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
         for method in PRUNE_METHODS
     }
     # Check every half before running anything, so a mismatch leaves all as it was.
+    _set_threads(args.threads)
     earlier = {}
     for method, config in configs.items():
         earlier[method] = _demo_state(out / method, config)
@@ -261,12 +321,13 @@ def _demo_state(run_dir: Path, config: dict[str, Any]) -> str | None:
 
     Raises ValueError if run_dir holds a run with another configuration.
     """
+    from flows.checkpoint import read_json
     from flows.pipeline import read_results
 
     path = run_dir / "config.json"
-    if not path.is_file():
+    if not path.exists():
         return None
-    if json.loads(path.read_text()) != json.loads(json.dumps(config)):
+    if read_json(path, "run configuration") != json.loads(json.dumps(config)):
         raise ValueError(
             f"{run_dir} holds a demo run with other settings (--cycles, --iters, "
             f"--prune-ratio or --seed differ); rerun with its settings, use another --out, "
@@ -310,7 +371,7 @@ def cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparseflow", description=__doc__)
+    parser = _Parser(prog="sparseflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a dense model (the pipeline's warm start only)")
@@ -322,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint")
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("--cycle", type=int, default=None, help="cycle (default: the last)")
+    p.add_argument("--cycle", type=_typed(CYCLE, "cycle"), help="cycle (default: the last)")
     p.add_argument("--splits", nargs="+", default=["test"], choices=("train", "val", "test"))
     p.add_argument(
         "--exact",
@@ -333,9 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples from a run's density flow")
     p.add_argument("--run", required=True)
-    p.add_argument("--cycle", type=int, default=None)
-    p.add_argument("-n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cycle", type=_typed(CYCLE, "cycle"), help="cycle (default: the last)")
+    p.add_argument("-n", type=_typed(SAMPLES, "n"), default=1000, help="number of samples")
+    p.add_argument("--seed", type=_setting("run.seed"), default=0)
     p.add_argument("--out", required=True, help=".png (2D scatter) or .pt (tensor) file")
 
     p = sub.add_parser("report", help="markdown table and plots over one or more runs")
@@ -347,46 +408,69 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("kind", choices=("hessian", "boundary", "field"))
     p.add_argument("--run", required=True, help="run directory (from prune/train)")
-    p.add_argument("--samples", type=int, default=512, help="hessian: training points in the loss")
-    p.add_argument("--power-iters", type=int, default=50, help="hessian: power-iteration budget")
     p.add_argument(
-        "--tol", type=float, default=1e-3, help="hessian: power-iteration relative tolerance"
+        "--samples", type=_analysis("samples"), default=512,
+        help="hessian: training points in the loss",
     )
-    p.add_argument("--trace-samples", type=int, default=20, help="hessian: Hutchinson probes")
     p.add_argument(
-        "--lanczos-steps", type=int, default=20, help="hessian: Lanczos step budget (lambda_min)"
+        "--power-iters", type=_analysis("power_iters"), default=50,
+        help="hessian: power-iteration budget",
+    )
+    p.add_argument(
+        "--tol",
+        type=_analysis("tol"),
+        default=1e-3,
+        help="hessian: power-iteration relative tolerance (0: take every iteration)",
+    )
+    p.add_argument(
+        "--trace-samples", type=_analysis("trace_samples"), default=20,
+        help="hessian: Hutchinson probes (>= 2)",
+    )
+    p.add_argument(
+        "--lanczos-steps",
+        type=_analysis("lanczos_steps"),
+        default=20,
+        help="hessian: Lanczos step budget (lambda_min; >= 2)",
     )
     p.add_argument(
         "--lanczos-tol",
-        type=float,
+        type=_analysis("lanczos_tol"),
         default=1e-3,
         help="hessian: stop Lanczos when the smallest Ritz value's residual is below "
         "this times its magnitude (0: take every step)",
     )
     p.add_argument(
         "--repeats",
-        type=int,
+        type=_analysis("repeats"),
         default=3,
         help="hessian: power-iteration and Lanczos runs from independent start vectors, "
         "for lambda_max / lambda_min / kappa error bars (mean +- sd; 1: none)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", type=int, default=200, help="boundary: search grid size per axis")
+    p.add_argument("--seed", type=_analysis("seed"), default=0)
+    p.add_argument(
+        "--grid", type=_analysis("n_grid"), default=200,
+        help="boundary: search grid size per axis (>= 2)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("demo", help="the main job: gaussians, unstructured and structured pruning")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--cycles", type=int, default=DEMO_SETTINGS["cycles"])
-    p.add_argument("--iters", type=int, default=DEMO_SETTINGS["iters"], help="iterations per cycle")
-    p.add_argument("--prune-ratio", type=float, default=DEMO_SETTINGS["prune_ratio"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cycles", type=_setting("run.cycles"), default=DEMO_SETTINGS["cycles"])
+    p.add_argument(
+        "--iters", type=_setting("run.iters"), default=DEMO_SETTINGS["iters"],
+        help="iterations per cycle",
+    )
+    p.add_argument(
+        "--prune-ratio", type=_setting("prune.prune_ratio"), default=DEMO_SETTINGS["prune_ratio"]
+    )
+    p.add_argument("--seed", type=_setting("run.seed"), default=0)
     p.add_argument(
         "--resume",
         action="store_true",
         help="accepted for compatibility: the demo always resumes a run with the same "
         "settings in --out (a finished one is only shown again)",
     )
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_typed(THREADS, "threads"), help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     from bench.cli import add_arguments as add_bench_arguments
 
@@ -396,8 +480,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(e: BaseException) -> str:
+    """One line for an error: its message (lines joined), an OSError's path and reason."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        target = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        return f"{target}: {e.strerror}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines) or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; 0 on success, 2 (one line on stderr) for bad input or a file problem.
+
+    Bad settings, flags and files (``ValueError``: ``SettingError``,
+    ``PathError``, ``CheckpointError``, ``DatasetFileError``) and OSErrors
+    (a path that cannot be read or written) end in one line naming what is
+    wrong, never a traceback.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2)
+        return e.code if isinstance(e.code, int) else 2
     try:
         if args.command in ("train", "prune"):
             _run(args, pruning=args.command == "prune")
@@ -415,8 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bench.cli import run as run_bench
 
             return run_bench(args, ["sparseflow", *(sys.argv[1:] if argv is None else argv)])
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"sparseflow {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"sparseflow {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
     return 0
 

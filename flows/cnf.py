@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from flows.finite import check_finite_rows
 from flows.likelihood import standard_normal_logprob
 from flows.odefunc import ODEFunc, odesolve
 
@@ -32,7 +33,11 @@ class Flow(nn.Module):
         raise NotImplementedError
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log-density of data under the flow: x [B, ...] -> [B] (nats)."""
+        """log-density of data under the flow: x [B, ...] -> [B] (nats).
+
+        Raises ValueError, before the solver starts, if rows of x hold NaN or inf.
+        """
+        check_finite_rows(x, "log_prob input")
         zero = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         z, delta_logp = self(x, zero)
         return standard_normal_logprob(z) - delta_logp
@@ -52,6 +57,8 @@ class Flow(nn.Module):
 
         Returns:
             [n, *state_shape] samples in data space.
+
+        Raises ValueError if rows of a given ``z`` hold NaN or inf.
         """
         if z is None:
             if n is None or n < 1:
@@ -68,6 +75,7 @@ class Flow(nn.Module):
             z = torch.randn((n, *self.state_shape), generator=generator, **kw)
         elif n is not None and z.shape[0] != n:
             raise ValueError(f"n={n} disagrees with z of batch size {z.shape[0]}")
+        check_finite_rows(z, "the base samples z")
         x, _ = self(z, None, reverse=True)
         return x
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
+from flows.finite import check_finite_rows
 from flows.odefunc import ODEFunc, odesolve
 from flows.odenet import ODEnet
 
@@ -133,4 +134,5 @@ class ODEClassifier(nn.Module):
         return self.block.nfe_backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_finite_rows(x, "classifier input")
         return self.readout(self.block(x))

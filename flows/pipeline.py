@@ -53,7 +53,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from flows.checkpoint import load_checkpoint, save_atomic, write_text_atomic
+from flows.checkpoint import (
+    CheckpointError,
+    PathError,
+    check_finite_state,
+    check_output_dir,
+    load_checkpoint,
+    read_json,
+    save_atomic,
+    write_text_atomic,
+)
 from flows.cnf import CNF, SequentialFlow
 from flows.datasets import (
     IMAGE_DATASETS,
@@ -64,12 +73,14 @@ from flows.datasets import (
     toy_classification,
     toy_data,
 )
-from flows.engine import KERNELS, compile_for_training, measure_speedup, write_back
+from flows.engine import compile_for_training, measure_speedup, write_back
+from flows.finite import check_finite_rows
 from flows.likelihood import LogitTransform, bits_per_dim, dequantize, nll_nats
 from flows.neural_ode import ODEClassifier
 from flows.odenet import ConvODEnet, ODEnet
-from flows.presets import get_preset, merge
-from flows.prune import PRUNE_METHODS, ensure_masks, prune_, sparsity
+from flows.presets import PRESETS, get_preset, merge
+from flows.prune import empty_layers, ensure_masks, prune_, sparsity
+from flows.settings import check_config
 from flows.train import TrainConfig, evaluate_nll, fit
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -108,35 +119,32 @@ def build_config(dataset: str, overrides: dict[str, Any] | None = None) -> dict[
     ``overrides`` is a nested dict of the same shape (e.g. ``{"run": {"cycles":
     3}, "train": {"lr": 1e-3}}``); unknown keys are errors.
     """
+    reference = reference_config(dataset)
+    config = merge(reference, overrides or {})
+    check_config(config, reference)
+    return config
+
+
+def reference_config(dataset: str) -> dict[str, Any]:
+    """The configuration ``build_config`` starts from: the preset with the run defaults."""
     config = get_preset(dataset)
     config["run"] = dict(RUN_DEFAULTS, dataset=dataset)
-    config = merge(config, overrides or {})
-    validate_config(config)
     return config
 
 
 def validate_config(config: dict[str, Any]) -> None:
-    run = config["run"]
-    if run["method"] not in PRUNE_METHODS:
-        raise ValueError(f"run.method={run['method']!r}; expected one of {PRUNE_METHODS}")
-    if not 0 < config["prune"]["prune_ratio"] < 1:
+    """Check every setting's type and range (``flows.settings``) before any work starts.
+
+    Raises ValueError (``flows.settings.SettingError`` for a bad value) naming
+    the setting, the value and what is expected.
+    """
+    run = config.get("run") if isinstance(config, dict) else None
+    dataset = run.get("dataset") if isinstance(run, dict) else None
+    if dataset not in PRESETS:
         raise ValueError(
-            f"prune.prune_ratio must lie in (0, 1), got {config['prune']['prune_ratio']}"
+            f"run.dataset={dataset!r} is invalid: expected one of {', '.join(sorted(PRESETS))}"
         )
-    if run["cycles"] < 0:
-        raise ValueError(f"run.cycles must be >= 0, got {run['cycles']}")
-    if not run["budget"] > 0:
-        raise ValueError(f"run.budget must be positive, got {run['budget']}")
-    if run["iters"] is not None and run["iters"] < 1:
-        raise ValueError(f"run.iters must be >= 1, got {run['iters']}")
-    if run["dtype"] not in DTYPES:
-        raise ValueError(f"run.dtype={run['dtype']!r}; expected one of {sorted(DTYPES)}")
-    if run["kernels"] not in KERNELS:
-        raise ValueError(f"run.kernels={run['kernels']!r}; expected one of {KERNELS}")
-    if run["speedup_steps"] < 0:
-        raise ValueError(f"run.speedup_steps must be >= 0, got {run['speedup_steps']}")
-    if run["patience"] is not None and run["patience"] < 1:
-        raise ValueError(f"run.patience must be >= 1 (or null to disable), got {run['patience']}")
+    check_config(config, reference_config(dataset))
 
 
 @dataclass
@@ -153,7 +161,20 @@ class RunData:
 
 
 def load_run_data(config: dict[str, Any]) -> RunData:
-    """Load the dataset a config names, split into train / val / test."""
+    """Load the dataset a config names, split into train / val / test.
+
+    Raises ValueError if a split holds rows with NaN or inf ("train split of
+    dataset 'power' has 3 rows with NaN or inf ..."), before any solver sees them.
+    """
+    data = _load_splits(config)
+    for split in ("train", "val", "test"):
+        check_finite_rows(
+            getattr(data, split), f"{split} split of dataset {config['run']['dataset']!r}"
+        )
+    return data
+
+
+def _load_splits(config: dict[str, Any]) -> RunData:
     run, data = config["run"], config["data"]
     name, dtype, seed = run["dataset"], DTYPES[run["dtype"]], run["seed"]
     if config["task"] == "classification":
@@ -319,21 +340,55 @@ def load_cycle_model(
 
     ``data`` skips reloading the dataset when the caller already has it.
     Returns (model in eval mode, config, data).
+
+    Raises:
+        FileNotFoundError: no run in ``out``, or it has no finished cycle yet.
+        ValueError: ``cycle`` is not a finished cycle of the run.
+        PathError: config.json or results.json is damaged or invalid.
+        CheckpointError: the cycle's checkpoint is truncated, corrupt, has
+            non-finite weights or does not fit the model config.json describes.
     """
     out = Path(out)
-    config = json.loads((out / "config.json").read_text())
+    config = read_run_config(out)
     rows = read_results(out)
     if not rows:
         raise FileNotFoundError(f"run {out} has no finished cycle yet (results.json is empty)")
+    cycles = [r["cycle"] for r in rows]
     if cycle is None:
-        cycle = rows[-1]["cycle"]
-    state = load_checkpoint(_cycle_path(out, cycle))
+        cycle = cycles[-1]
+    elif cycle not in cycles:
+        raise ValueError(
+            f"run {out} has no finished cycle {cycle}; expected one of its finished cycles "
+            f"{', '.join(map(str, cycles))}"
+        )
+    path = _cycle_path(out, cycle)
+    state = _load_model_checkpoint(path)
     if data is None:
         data = load_run_data(config)
     model = build_model(config, data)
-    load_model_state(model, state["model"])
+    _load_checked(model, state["model"], path, out / "config.json")
     model.eval()
     return model, config, data
+
+
+def _load_model_checkpoint(path: Path) -> dict[str, Any]:
+    """A cycle checkpoint with a finite model state, or a CheckpointError naming ``path``."""
+    state = load_checkpoint(path)
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(path, f"checkpoint {path} holds no model state ('model')")
+    check_finite_state(state["model"], path)
+    return state
+
+
+def _load_checked(model: nn.Module, state_dict: dict[str, Any], path: Path, source: Path) -> None:
+    try:
+        load_model_state(model, state_dict)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise CheckpointError(
+            path,
+            f"checkpoint {path} does not fit the model that {source} describes ({first})",
+        ) from None
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, Any]) -> None:
@@ -343,10 +398,47 @@ def load_model_state(model: nn.Module, state_dict: dict[str, Any]) -> None:
     model.load_state_dict(state_dict)
 
 
+def read_run_config(out: str | Path) -> dict[str, Any]:
+    """The checked configuration of run directory ``out`` (DIR/config.json).
+
+    Raises FileNotFoundError if there is none, PathError naming the file if it
+    is damaged or any setting is invalid (see ``validate_config``).
+    """
+    path = Path(out) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no run in {out}: {path} not found")
+    config = read_json(path, "run configuration")
+    try:
+        validate_config(config)
+    except ValueError as e:
+        raise PathError(path, f"run configuration {path} is invalid: {e}") from None
+    return config
+
+
 def read_results(out: str | Path) -> list[dict[str, Any]]:
-    """The rows of DIR/results.json, or [] if there is none yet."""
+    """The rows of DIR/results.json, or [] if there is none yet.
+
+    Raises PathError naming the file if it is damaged: not JSON, not a list of
+    rows numbered 0, 1, ..., or a row without the fields of ``RESULT_FIELDS``.
+    """
     path = Path(out) / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    if not path.exists():
+        return []
+    rows = read_json(path, "results file")
+    expected = "expected a list of per-cycle rows as sparseflow writes them"
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise PathError(path, f"results file {path} does not hold a list of rows; {expected}")
+    for i, r in enumerate(rows):
+        missing = [k for k in RESULT_FIELDS if k not in r]
+        if missing:
+            raise PathError(
+                path, f"results file {path}: row {i} lacks {', '.join(missing)}; {expected}"
+            )
+        if r["cycle"] != i:
+            raise PathError(
+                path, f"results file {path}: row {i} is cycle {r['cycle']!r}, not {i}; {expected}"
+            )
+    return rows
 
 
 def _stop_reason(config: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
@@ -394,35 +486,40 @@ def run_pipeline(
     prepare_seconds (pruning and compiling), train_seconds (retraining) and
     eval_seconds).
     """
+    # Everything is checked (settings, the directory, earlier files, the data)
+    # before anything is written, so bad input leaves the directory as it was.
     validate_config(config)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, "run directory")
     config_path = out / "config.json"
     rows = read_results(out)
-    if config_path.is_file() and (rows or resume):
-        saved = json.loads(config_path.read_text())
+    if config_path.exists() and (rows or resume):
+        saved = read_json(config_path, "run configuration")
         if not resume:
             raise FileExistsError(
                 f"{out} already holds a run ({len(rows)} cycles); use --resume or another --out"
             )
         if saved != json.loads(json.dumps(config)):
             raise ValueError(
-                f"{out} holds a run with a different configuration; resume with the same settings "
-                "or use another --out"
+                f"{out} holds a run with a different configuration ({config_path}); resume "
+                "with the same settings or use another --out"
             )
-    write_text_atomic(json.dumps(config, indent=2), config_path)
+    last = _load_model_checkpoint(_cycle_path(out, rows[-1]["cycle"])) if rows else None
+    in_cycle = out / "checkpoints" / f"train_cycle_{len(rows):03d}.pt"
+    if resume and in_cycle.exists():
+        _load_model_checkpoint(in_cycle)  # fit() resumes from it: check it first
+    warm_state = _load_model_checkpoint(Path(warm_start)) if warm_start and not rows else None
     data = load_run_data(config)
-    task = Task(config, data)
     run = config["run"]
     torch.manual_seed(run["seed"])  # the initial weights belong to the run's seed
     model = build_model(config, data)
+    if last is not None:
+        _load_checked(model, last["model"], _cycle_path(out, rows[-1]["cycle"]), config_path)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps(config, indent=2), config_path)
+    task = Task(config, data)
     n_train = data.train.shape[0]
-
-    if rows:
-        state = load_checkpoint(_cycle_path(out, rows[-1]["cycle"]))
-        load_model_state(model, state["model"])
-        if _stop_reason(config, rows):
-            return rows
+    if rows and _stop_reason(config, rows):
+        return rows
 
     bar = tqdm(
         total=run["cycles"] + 1,
@@ -439,9 +536,9 @@ def run_pipeline(
             prune_(model, config["prune"]["prune_ratio"], run["method"])
         cfg = train_config(config, n_train, cycle)
         train_ckpt = out / "checkpoints" / f"train_cycle_{cycle:03d}.pt"
-        warm = load_checkpoint(warm_start) if cycle == 0 and warm_start is not None else None
+        warm = warm_state if cycle == 0 else None
         if warm is not None:
-            load_model_state(model, warm["model"])
+            _load_checked(model, warm["model"], Path(warm_start), config_path)
         # Train and evaluate on compiled kernels (kept values only), or on the
         # dense masked model itself.
         compiled = run["kernels"] == "compiled"
@@ -480,6 +577,9 @@ def run_pipeline(
             "prune_ratio": s["prune_ratio"],
             "kept_fraction": s["kept_fraction"],
             "nonzero_params": s["nonzero_params"],
+            # Layers with no kept weight (global magnitude pruning may empty one; the
+            # prune step warned when it did): they pass on their bias alone.
+            "empty_layers": empty_layers(model),
             "train_nll": metrics["train"]["nll"],
             "val_nll": metrics["val"]["nll"],
             "test_nll": metrics["test"]["nll"],

@@ -218,20 +218,80 @@ def parse_assignment(text: str) -> dict[str, Any]:
     return out
 
 
+class _Yaml12Loader:
+    """Built on first use: PyYAML's safe loader, reading floats as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a string; YAML 1.2 and
+    JSON read it as a number, and so does a config file here.
+    """
+
+    loader: Any = None
+
+    @classmethod
+    def get(cls) -> Any:
+        if cls.loader is None:
+            import re
+
+            import yaml
+
+            class Loader(yaml.SafeLoader):
+                pass
+
+            Loader.add_implicit_resolver(
+                "tag:yaml.org,2002:float",
+                re.compile(
+                    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""",
+                    re.X,
+                ),
+                list("-+0123456789."),
+            )
+            cls.loader = Loader
+        return cls.loader
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Overrides from a .json, .yaml or .yml file (a nested mapping)."""
+    """Overrides from a .json, .yaml or .yml file (a nested mapping).
+
+    YAML numbers follow YAML 1.2 (``1e-3`` is a number, as in JSON).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is a directory, unreadable, not valid JSON / YAML,
+            has another suffix, or does not hold a mapping; the message names the path.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory; expected a .json, .yaml or .yml file")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {path} cannot be read: {e}") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
-    elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = yaml.load(text, Loader=_Yaml12Loader.get())  # a SafeLoader subclass
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {path} is not valid YAML{at}: {problem}") from None
     else:
-        raise ValueError(f"config file {path} must end in .json, .yaml or .yml")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        raise ValueError(
+            f"config file {path} must hold a mapping of sections (like train: {{lr: 1e-3}}), "
+            f"got {type(data).__name__}"
+        )
     return data

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ matplotlib.use("Agg")  # headless: figures go to files, never to a window
 import matplotlib.pyplot as plt
 import torch
 
-from flows.checkpoint import write_text_atomic
+from flows.checkpoint import check_output_dir, write_text_atomic
 from flows.cnf import Flow
 from flows.datasets import TOY_DATASETS
 from flows.odefunc import exact_divergence
@@ -96,6 +95,13 @@ def results_table(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> str
         )
     if notes:
         text += "\nNot compiled (ran dense through PyTorch): " + ", ".join(notes) + ".\n"
+    emptied: dict[str, int] = {}  # layer -> the first cycle it was empty in
+    for r in rows:
+        for name in r.get("empty_layers", []):
+            emptied.setdefault(name, r["cycle"])
+    if emptied:
+        text += ("\nEmpty layers (every weight pruned; they pass on their bias alone): "
+                 + ", ".join(f"{name} from cycle {c}" for name, c in emptied.items()) + ".\n")
     return text
 
 
@@ -160,12 +166,16 @@ def plot_density_cycles(run_dir: str | Path, path: str | Path, n_grid: int = 80)
 
 
 def _load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    cfg_path, res_path = run_dir / "config.json", run_dir / "results.json"
-    if not cfg_path.is_file() or not res_path.is_file():
+    """(config, rows) of a run directory, both checked (``flows.pipeline.read_run_config``)."""
+    from flows.pipeline import read_results, read_run_config
+
+    res_path = run_dir / "results.json"
+    if not res_path.exists():
         raise FileNotFoundError(
-            f"{run_dir} is not a run directory (needs config.json and results.json)"
+            f"{run_dir} is not a run directory (needs config.json and results.json): "
+            f"{res_path} not found"
         )
-    return json.loads(cfg_path.read_text()), json.loads(res_path.read_text())
+    return read_run_config(run_dir), read_results(run_dir)
 
 
 def _metric_plot_args(config: dict[str, Any]) -> tuple[str, str]:
@@ -193,11 +203,11 @@ def write_run_report(run_dir: str | Path, plots: bool = True) -> Path:
 
 def render_report(run_dirs: Sequence[str | Path], out: str | Path, plots: bool = True) -> Path:
     """One markdown report (and a combined plot) over several runs; returns report.md."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     runs = [(Path(d), *_load_run(Path(d))) for d in run_dirs]
     if not runs:
         raise ValueError("report needs at least one run directory")
+    out = check_output_dir(out, "report directory")
+    out.mkdir(parents=True, exist_ok=True)
     md = ["# Sparse Flows report\n"]
     for d, config, rows in runs:
         md += [f"\n## {_label(config)}\n\n`{d}`\n\n", results_table(rows, config)]

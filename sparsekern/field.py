@@ -165,10 +165,18 @@ class CompiledField(nn.Module):
             if m is not self and hasattr(m, "backend"):
                 m.backend = backend
 
+    def _first_tensor(self) -> torch.Tensor | None:
+        """A tensor with the field's dtype and device: its first parameter or, for a field
+        with every weight pruned (no parameter), its first floating buffer (kept values)."""
+        first = next(self.parameters(), None)
+        if first is None:
+            first = next((b for b in self.buffers() if b.is_floating_point()), None)
+        return first
+
     def _apply(self, fn, recurse=True):
         # The backend follows the device (resolved here, not per call, so that
         # torch.compile sees a constant).
-        first = next(self.parameters(), None)
+        first = self._first_tensor()
         if first is not None:
             try:
                 probe = fn(torch.empty(0, dtype=first.dtype, device=first.device))
@@ -180,7 +188,7 @@ class CompiledField(nn.Module):
                 check_precision_dtype(self.config.precision, probe.dtype, what)
         before = None if first is None else (first.device, first.dtype)
         out = super()._apply(fn, recurse)
-        first = next(self.parameters(), None)
+        first = self._first_tensor()
         if first is not None and (first.device, first.dtype) != before:
             self._set_backend(resolve_backend(self.config.backend, first.device,
                                               self.config.precision))
@@ -213,7 +221,7 @@ class CompiledField(nn.Module):
         Returns:
             The backend the field runs on now.
         """
-        first = next(self.parameters(), None)
+        first = self._first_tensor()
         if (self.config.backend != "auto" or not self.config.autotune or first is None
                 or first.device.type not in MEASURED_DEVICE_TYPES):
             return self.backend

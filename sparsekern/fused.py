@@ -35,7 +35,7 @@ from sparsekern.activations import ACT_FNS, ACT_IDS, activation_name
 from sparsekern.config import SparseConfig, compiling, cuda_matmul_precision
 from sparsekern.cost import choose_layout
 from sparsekern.field import CompiledField
-from sparsekern.linear import CoreMatrix, KeptTensor
+from sparsekern.linear import CoreMatrix, KeptPool, KeptTensor
 from sparsekern.masks import MaskedTensor, masked_tensor
 from sparsekern.precision import cublas_may_use_tf32, round_cotangent, round_operand
 
@@ -164,15 +164,21 @@ class FusedLayer(nn.Module):
     """One layer of a FusedMLP: kept parameters, its core and its fold of dead inputs."""
 
     def __init__(self, layer: ChainLayer, plan: dict[str, torch.Tensor],
-                 prev_dead: torch.Tensor | None, layout: str) -> None:
+                 prev_dead: torch.Tensor | None, layout: str, pool: KeptPool) -> None:
         super().__init__()
         self.name = layer.name
         self.time = layer.time
-        self.weight = KeptTensor(layer.weight)
-        self.bias = None if layer.bias is None else KeptTensor(layer.bias)
-        self.gate_weight = None if layer.gate_weight is None else KeptTensor(layer.gate_weight)
-        self.gate_bias = None if layer.gate_bias is None else KeptTensor(layer.gate_bias)
-        self.time_weight = None if layer.time_weight is None else KeptTensor(layer.time_weight)
+
+        def kept(source: MaskedTensor | None) -> KeptTensor | None:
+            # From the field's pool: a layer used twice shares its kept values (and their
+            # gradient sums over the uses); its core, folds and reduction stay per use.
+            return None if source is None else pool.get(source)
+
+        self.weight = kept(layer.weight)
+        self.bias = kept(layer.bias)
+        self.gate_weight = kept(layer.gate_weight)
+        self.gate_bias = kept(layer.gate_bias)
+        self.time_weight = kept(layer.time_weight)
         n_out, n_in_total = self.weight.shape
         self.n_out = n_out
         self.n_in = n_in_total - 1 if layer.time == "concat" else n_in_total
@@ -246,6 +252,7 @@ class FusedMLP(CompiledField):
         prev_dead = None
         dtype = chain.layers[0].weight.value.dtype
         backend = self.backend
+        pool = KeptPool()
         for layer, p in zip(chain.layers, plan, strict=True):
             if config.layout == "auto":
                 core_mask = _state_mask(layer).index_select(0, p["rows"]).index_select(1, p["cols"])
@@ -253,7 +260,7 @@ class FusedMLP(CompiledField):
                                        config.autotune)
             else:
                 layout = config.layout
-            layers.append(FusedLayer(layer, p, prev_dead, layout))
+            layers.append(FusedLayer(layer, p, prev_dead, layout, pool))
             prev_dead = p["dead"]
         self.layers = nn.ModuleList(layers)
         self.register_buffer("cols0", plan[0]["cols"], persistent=False)
@@ -412,9 +419,12 @@ class FusedMLP(CompiledField):
         return self._run_fused(t, z, noise, exact=noise is None, save=self._needs_grad(t, z))
 
     def write_back(self) -> None:
+        done: set[int] = set()
         for layer in self.layers:
             for kept in layer.kept_tensors():
-                kept.write_back()
+                if id(kept) not in done:  # a tied tensor once
+                    done.add(id(kept))
+                    kept.write_back()
 
     def summary(self) -> str:
         lines = [f"FusedMLP ({self.act}, {len(self.layers)} layers, "

@@ -27,9 +27,13 @@ from torch.nn import functional as F
 from sparsekern.config import SparseConfig, cuda_matmul_precision
 from sparsekern.cost import choose_layout
 from sparsekern.field import CompiledField
-from sparsekern.linear import SparseLinear
+from sparsekern.linear import KeptPool, SparseLinear
 from sparsekern.masks import CompileError, masked_tensor
 from sparsekern.precision import is_reduced, uses_tf32
+
+
+def _drop_legacy_like(state_dict, prefix, *args) -> None:
+    state_dict.pop(prefix + "_like", None)
 
 
 def _is_pruned(module: nn.Module) -> bool:
@@ -90,6 +94,11 @@ class GenericField(CompiledField):
         super().__init__(source, config)
         self.sparse: dict[str, SparseLinear] = {}
         self.eager_ops: list[str] = []
+        # One KeptTensor per source Parameter, one SparseLinear per source module: a
+        # module called twice, or a weight shared by two modules, stays tied.
+        self._pool = KeptPool()
+        self._linears: dict[tuple[str, str | None], SparseLinear] = {}
+        self._added: dict[int, str] = {}  # SparseLinear -> its submodule name in the graph
         work = detached_copy(source)
         try:
             traced = fx.symbolic_trace(work)
@@ -105,13 +114,17 @@ class GenericField(CompiledField):
         else:
             self.module = self._rewrite(traced, source)
             self.traced = True
-        self._like = next(
-            (p for p in self.parameters()), torch.empty(0)
-        )
+        self._check_untied(source)
+        # State dicts written while a reference tensor was (by mistake) registered as the
+        # parameter "_like" still load.
+        self._register_load_state_dict_pre_hook(_drop_legacy_like)
 
     # -- capture -------------------------------------------------------------------
     def _make_linear(self, source_root: nn.Module, name: str, weight_name: str,
                      bias_name: str | None) -> SparseLinear:
+        key = (weight_name, bias_name)
+        if key in self._linears:  # the same module (or F.linear operands) used again: tied
+            return self._linears[key]
         owner_name, owner, attr = _owner(source_root, weight_name)
         weight = masked_tensor(owner, owner_name, attr.removesuffix("_orig"))
         bias = None
@@ -126,9 +139,31 @@ class GenericField(CompiledField):
             core = weight.mask[weight.mask.any(1)][:, weight.mask.any(0)]
             layout = choose_layout(core, self.config.batch_hint, weight.value.dtype,
                                    self.backend, self.config.autotune)
-        lin = SparseLinear(weight, bias, layout, self.backend)
-        self.sparse[name] = lin
+        lin = SparseLinear(weight, bias, layout, self.backend, self._pool)
+        # One weight with two biases (F.linear): two maps, sharing the weight's KeptTensor.
+        self.sparse[name if name not in self.sparse else f"{name}#{len(self.sparse)}"] = lin
+        self._linears[key] = lin
         return lin
+
+    def _check_untied(self, source: nn.Module) -> None:
+        """Refuse a compiled Parameter that the compiled module also still holds densely.
+
+        E.g. a weight used by a linear map on the state path and, as a plain tensor,
+        elsewhere: the two copies would train apart and write back over each other.
+        """
+        compiled = self._pool.targets()
+        src = dict(source.named_parameters(remove_duplicate=False))
+        for name, _ in self.module.named_parameters(remove_duplicate=False):
+            if name.startswith("sparse_") or ".sparse_" in name:
+                continue
+            p = src.get(name)
+            if p is not None and id(p) in compiled:
+                raise CompileError(
+                    f"parameter '{name}' of {type(source).__name__} is compiled as the sparse "
+                    f"weight '{compiled[id(p)]}' and also used as a dense tensor (tied "
+                    "weights): the two would train apart; use it in linear maps only "
+                    "(nn.Linear / F.linear), or give the other use its own Parameter"
+                )
 
     def _unsupported(self, what: str, where: str) -> None:
         msg = (f"sparsekern cannot compile {what} in submodule '{where}' on the state path: "
@@ -192,9 +227,10 @@ class GenericField(CompiledField):
                 delattr(owner, attr)
         return gm
 
-    @staticmethod
-    def _add(gm: fx.GraphModule, lin: SparseLinear, index: int) -> str:
-        name = f"sparse_{index}"
+    def _add(self, gm: fx.GraphModule, lin: SparseLinear, index: int) -> str:
+        if id(lin) in self._added:  # a tied map: every call goes to one submodule
+            return self._added[id(lin)]
+        name = self._added[id(lin)] = f"sparse_{index}"
         gm.add_submodule(name, lin)
         return name
 
@@ -231,12 +267,16 @@ class GenericField(CompiledField):
         return derived
 
     def _swap_linears(self, work: nn.Module, source: nn.Module) -> nn.Module:
-        for name, mod in list(work.named_modules()):
+        first_name: dict[int, str] = {}
+        # Every slot, shared modules included: a module held twice is swapped in both
+        # places, for one SparseLinear (named by its first slot).
+        for name, mod in list(work.named_modules(remove_duplicate=False)):
             if not name:
                 continue
             if type(mod) is nn.Linear:
-                lin = self._make_linear(source, name, f"{name}.weight",
-                                        f"{name}.bias" if mod.bias is not None else None)
+                name_of = first_name.setdefault(id(mod), name)
+                lin = self._make_linear(source, name_of, f"{name_of}.weight",
+                                        f"{name_of}.bias" if mod.bias is not None else None)
                 parent_name, _, child = name.rpartition(".")
                 parent = work.get_submodule(parent_name) if parent_name else work
                 setattr(parent, child, lin)
@@ -249,8 +289,9 @@ class GenericField(CompiledField):
     # -- the contract --------------------------------------------------------------
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         _, z = self._split_args(args)
-        if self._like.numel():
-            self.check_input(z, self._like)
+        like = self._first_tensor()
+        if like is not None:
+            self.check_input(z, like)
         # Dense cores and eager ops multiply with torch's matmul: TF32 only if configured.
         with cuda_matmul_precision(z.device, uses_tf32(self.config.precision)):
             return self.module(*args)
@@ -277,7 +318,7 @@ class GenericField(CompiledField):
 
     @torch.no_grad()
     def write_back(self) -> None:
-        for lin in self.sparse.values():
+        for lin in self.sparse.values():  # a tied KeptTensor writes the same values twice
             lin.write_back()
         # Parameters and buffers the engine did not replace (hypernetworks, norms)
         # trained in the copy; copy them back by name.

@@ -1,7 +1,8 @@
 """Compiled linear maps: kept values as parameters, and the layouts that multiply with them.
 
 - ``KeptTensor``: the kept entries of one pruned tensor as a Parameter (the
-  only thing an optimiser sees) plus where they go in the dense tensor.
+  only thing an optimiser sees) plus where they go in the dense tensor;
+  ``KeptPool`` gives tied (shared) parameters one KeptTensor.
 - ``CoreMatrix``: the part of a weight that multiplies live inputs into live
   outputs, in a layout: "dense" (a neuron-reduced dense matrix) or "csr"
   (``formats.CSRPattern``, transpose stored).
@@ -29,7 +30,9 @@ class KeptTensor(nn.Module):
     saved: a compiled module's state_dict is its kept values, whatever layout
     the cost model picked.
 
-    ``values`` [nnz] holds the kept entries in row-major order; ``dense()``
+    ``values`` [nnz] holds the kept entries in row-major order (a Parameter; an
+    empty buffer when nothing is kept, so no compiled model has an empty
+    parameter); ``dense()``
     rebuilds the full tensor (differentiable, zeros at pruned places) and
     ``write_back()`` copies the values into the source module.
     """
@@ -38,11 +41,25 @@ class KeptTensor(nn.Module):
         super().__init__()
         self.name = source.name
         self.shape = tuple(source.mask.shape)
-        self.values = nn.Parameter(source.kept_values.clone())
+        kept = source.kept_values.clone()
+        if kept.numel():
+            self.values = nn.Parameter(kept)
+        else:
+            # Nothing kept (a fully pruned layer or bias): an empty buffer, not a parameter.
+            # Every use still sees a [0] tensor of the right dtype and device, but optimisers
+            # and torchdiffeq's odeint_adjoint, which cannot flatten a numel-0 parameter
+            # ("setStorage ... storage of size 0"), never see it. Kept in state_dict, so the
+            # keys are the same whatever was pruned.
+            self.register_buffer("values", kept)
         self.full = bool(source.mask.all())
         flat_index = source.mask.flatten().nonzero().squeeze(1)
         self.register_buffer("flat_index", flat_index, persistent=False)
         self._source = [source]  # a list: not a submodule, not in state_dict
+
+    @property
+    def source(self) -> MaskedTensor:
+        """The masked tensor (and so the module parameter) this was made from."""
+        return self._source[0]
 
     @property
     def nnz(self) -> int:
@@ -60,6 +77,41 @@ class KeptTensor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.nnz} kept of shape {list(self.shape)}"
+
+
+class KeptPool:
+    """The KeptTensors of one compiled field, one per source Parameter: tied weights stay tied.
+
+    A module used twice (``nn.Sequential(a, act, a)``), or two modules sharing one
+    weight Parameter, give masked tensors with the same ``target``; they get the
+    same KeptTensor, so every use reads one kept-values tensor and its gradient is
+    the sum over the uses, as in the dense model. Uses of one Parameter under
+    different masks have no single set of kept values: CompileError.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[int, KeptTensor] = {}
+
+    def get(self, source: MaskedTensor) -> KeptTensor:
+        """The KeptTensor of ``source.target``, made on its first use."""
+        kept = self._kept.get(id(source.target))
+        if kept is None:
+            # The KeptTensor holds ``source`` and so its target: the id stays unique.
+            kept = self._kept[id(source.target)] = KeptTensor(source)
+            return kept
+        first = kept.source
+        if first.mask.shape != source.mask.shape or not torch.equal(first.mask, source.mask):
+            raise CompileError(
+                f"parameters '{first.name}' and '{source.name}' are one Parameter (tied "
+                f"weights) but their masks differ ({int(first.mask.sum())} and "
+                f"{int(source.mask.sum())} kept of {list(first.mask.shape)} and "
+                f"{list(source.mask.shape)}); give both uses the same mask, or untie them"
+            )
+        return kept
+
+    def targets(self) -> dict[int, str]:
+        """id of every compiled source Parameter -> the name its KeptTensor has."""
+        return {key: kept.name for key, kept in self._kept.items()}
 
 
 class CoreMatrix(nn.Module):
@@ -167,10 +219,11 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, weight: MaskedTensor, bias: MaskedTensor | None, layout: str,
-                 backend: str) -> None:
+                 backend: str, pool: KeptPool | None = None) -> None:
         super().__init__()
-        self.weight = KeptTensor(weight)
-        self.bias = None if bias is None else KeptTensor(bias)
+        pool = pool or KeptPool()  # a field's pool ties parameters shared between its layers
+        self.weight = pool.get(weight)
+        self.bias = None if bias is None else pool.get(bias)
         self.out_features, self.in_features = self.weight.shape
         mask = weight.mask
         rows = mask.any(1).nonzero().squeeze(1)

@@ -1,3 +1,14 @@
+import os
+import tempfile
+
+# Inductor's on-disk cache (its precompiled header and compiled kernels) is not keyed on
+# ATEN_CPU_CAPABILITY: a suite run with =default after one with the machine's own
+# capability reuses a header without at::vec and fails to compile. A cache per capability
+# keeps such runs (README, Development) apart. Set before torch loads.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.environ['ATEN_CPU_CAPABILITY']}")
+
 import pytest
 import torch
 from engine_helpers import BACKENDS, DEVICE

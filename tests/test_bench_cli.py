@@ -282,7 +282,7 @@ def test_gpu_check_script_explains_itself_and_refuses_without_a_gpu(tmp_path):
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2
-    for phase in ("versions", "build", "tests", "forced", "bench"):
+    for phase in ("versions", "build", "tests", "forced", "bench", "smoke"):
         assert f"bash bench/gpu_check.sh {phase}" in usage.stdout
     assert usage.stdout.rstrip().endswith("The last lines printed are a summary.")
     env = dict(os.environ, OUT=str(tmp_path))

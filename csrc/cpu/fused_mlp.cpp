@@ -233,7 +233,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_fwd(
     if (save && !last) saved_x.push_back(out);
     x = out;
   }
-  Tensor f = x.narrow(1, 0, B).contiguous();
+  // Without save, x is the thread's scratch buffer (reused by the next call). contiguous()
+  // would return that very storage whenever the narrow is already contiguous (no tangent,
+  // or B = 1), and the next call would overwrite f: always copy out of it.
+  Tensor f = save ? x.narrow(1, 0, B).contiguous()
+                  : x.narrow(1, 0, B).clone(at::MemoryFormat::Contiguous);
   Tensor div = at::zeros({B}, x0.options());
   if (K > 0) {
     const Tensor pc = probe.contiguous();

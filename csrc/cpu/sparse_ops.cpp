@@ -107,7 +107,17 @@ Tensor spmm_blocked(const Tensor& rowptr, const Tensor& col, const Tensor& rowpt
 }
 
 void layer_matmul(const std::vector<Tensor>& layer, const Tensor& x, Tensor& y, bool transpose) {
-  TORCH_INTERNAL_ASSERT(x.stride(1) == 1 && y.stride(1) == 1);
+  // The kernels address element (r, j) as r * stride(0) + j. A column stride only means
+  // something with two or more columns and a row: the transpose of a [1, n] state is a
+  // "contiguous" [n, 1] matrix whose stride(1) is n, and an empty one may have any
+  // strides, so B = 0 and 1 and zero-width layers must not be refused (sample(1) was).
+  auto unit_columns = [](const Tensor& t) {
+    return t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1;
+  };
+  TORCH_CHECK(unit_columns(x) && unit_columns(y),
+              "sparsekern cpu backend: layer product operands need unit column stride, got x ",
+              x.sizes(), " with strides ", x.strides(), " and y ", y.sizes(), " with strides ",
+              y.strides());
   if (layer.size() == 1) {
     const Tensor& w = layer[0];
     if (!transpose && w.size(1) <= kSmallK && w.is_contiguous()) {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flows.analysis.settings import check_analysis_arguments
+
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
@@ -45,6 +47,7 @@ def boundary_distances(
     """
     if x.dim() != 2 or x.shape[1] != 2:
         raise ValueError(f"boundary_distances works on 2D points [N, 2], got {list(x.shape)}")
+    check_analysis_arguments(n_grid=n_grid, bisect_steps=bisect_steps, lim=float(lim))
     _, _, pts = grid(lim, n_grid, x.dtype)
     pts = pts.to(x.device)
     grid_cls = predict(model, pts)

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from flows.analysis.settings import ANALYSIS_SETTINGS, check_analysis_arguments
+from flows.settings import Setting
+
 Vector = list[torch.Tensor]
 
 
@@ -168,8 +171,11 @@ def power_iteration(
 
     Returns (eigenvalue, iterations used, converged): the eigenvalue is the
     Rayleigh quotient v^T H v of the last unit iterate; iteration stops when the
-    Rayleigh quotient of H - shift I changes by less than ``tol`` relative.
+    Rayleigh quotient of H - shift I changes by less than ``tol`` relative
+    (``tol=0``: take every iteration).
     """
+    ANALYSIS_SETTINGS["power_iters"].check("iters", iters)
+    ANALYSIS_SETTINGS["tol"].check("tol", tol)
     g = generator or torch.Generator().manual_seed(0)
     v = op.random(g)
     v = _scale(v, 1 / torch.sqrt(_dot(v, v)))
@@ -218,7 +224,7 @@ def hutchinson_trace(
     op: HessianOperator, samples: int = 50, generator: torch.Generator | None = None
 ) -> tuple[float, float]:
     """tr(H) by Hutchinson's estimator with Rademacher probes: (mean, standard error)."""
-    if samples < 2:
+    if not isinstance(samples, int) or samples < 2:
         raise ValueError(f"trace needs at least 2 samples for an error bar, got {samples}")
     g = generator or torch.Generator().manual_seed(1)
     vals = []
@@ -261,6 +267,8 @@ def lanczos(
     converged when the Krylov space becomes invariant (beta_k ~ 0) or spans all
     ``op.dim`` kept coordinates: the Ritz values are then eigenvalues.
     """
+    Setting("int", ge=1).check("steps", steps)
+    ANALYSIS_SETTINGS["lanczos_tol"].check("tol", tol)
     steps = min(steps, op.dim)
     g = generator or torch.Generator().manual_seed(2)
     q = op.random(g)
@@ -342,8 +350,15 @@ def analyze_hessian(
     trained flow) it compares the curvature scales at the two ends of the
     spectrum rather than being the 2-norm condition number.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    check_analysis_arguments(
+        power_iters=power_iters,
+        tol=tol,
+        trace_samples=trace_samples,
+        lanczos_steps=lanczos_steps,
+        seed=seed,
+        lanczos_tol=lanczos_tol,
+        repeats=repeats,
+    )
     op = HessianOperator(model, loss_fn, on_product)
     if op.dim == 0:
         raise ValueError("every parameter is pruned: the Hessian has no kept coordinates")

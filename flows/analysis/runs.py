@@ -23,9 +23,17 @@ from flows.analysis.hessian import (
     analyze_hessian,
     normalise_to_first,
 )
-from flows.checkpoint import write_text_atomic
+from flows.analysis.settings import check_analysis_arguments
+from flows.checkpoint import check_output_dir, write_text_atomic
 from flows.odefunc import ODEFunc, exact_divergence
-from flows.pipeline import RunData, Task, load_cycle_model, load_run_data, read_results
+from flows.pipeline import (
+    RunData,
+    Task,
+    load_cycle_model,
+    load_run_data,
+    read_results,
+    read_run_config,
+)
 
 MODES = {"gaussians": 6, "gaussianspiral": 10, "8gaussians": 8}
 HESSIAN_KEYS = ("lambda_max", "trace", "condition_number")
@@ -47,11 +55,16 @@ def _backprop_through_solver(model: nn.Module) -> Iterator[None]:
 
 
 def _run_setup(run_dir: str | Path) -> tuple[Path, dict[str, Any], list[dict[str, Any]], RunData]:
+    """The run's directory, config, rows and data, checked before any analysis starts.
+
+    The analysis directory (DIR/analysis) must be writable too.
+    """
     run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
     rows = read_results(run_dir)
     if not rows:
         raise FileNotFoundError(f"{run_dir} has no finished cycle (results.json missing or empty)")
-    config = json.loads((run_dir / "config.json").read_text())
+    check_output_dir(run_dir / "analysis", "analysis directory")
     return run_dir, config, rows, load_run_data(config)
 
 
@@ -113,15 +126,27 @@ def hessian_over_run(
 ) -> dict[str, Any]:
     """Hessian eigenanalysis (Table 4) for every cycle of a run.
 
-    The loss is the training loss on the first ``samples`` training points,
+    The loss is the training loss on the first ``samples`` training points (all
+    of them if there are fewer; hessian.json's "samples_used" says how many),
     with the exact trace where the run evaluates with it (then the Hessian is
     that of the exact NLL, not of the Hutchinson estimate the run trained on),
     with fixed Hutchinson noise otherwise; hessian.json's "loss" says which.
     ``repeats`` runs of power iteration and Lanczos from independent start
     vectors give lambda_max, lambda_min and the condition number as mean +- sd;
     ``lanczos_tol`` stops Lanczos early (see ``flows.analysis.hessian.lanczos``).
-    Writes analysis/hessian.json, hessian.md and hessian.png.
+    Writes analysis/hessian.json, hessian.md and hessian.png. The arguments
+    are checked (``flows.analysis.settings``) before the run is read.
     """
+    check_analysis_arguments(
+        samples=samples,
+        power_iters=power_iters,
+        tol=tol,
+        trace_samples=trace_samples,
+        lanczos_steps=lanczos_steps,
+        seed=seed,
+        lanczos_tol=lanczos_tol,
+        repeats=repeats,
+    )
     run_dir, config, rows, data = _run_setup(run_dir)
     task = Task(config, data)
     out_rows = []
@@ -168,6 +193,7 @@ def hessian_over_run(
         "condition_number": CONDITION_NUMBER_DEFINITION,
         "settings": {
             "samples": samples,
+            "samples_used": min(samples, data.train.shape[0]),
             "power_iters": power_iters,
             "tol": tol,
             "trace_samples": trace_samples,
@@ -186,7 +212,8 @@ def hessian_over_run(
     _write_json(result, out / "hessian.json")
     spread = f"+- sd over {repeats} start vectors" if repeats > 1 else "single start vector"
     lines = [
-        f"Loss: {loss_kind}; {samples} training points. lambda_max, lambda_min, kappa: "
+        f"Loss: {loss_kind}; {result['settings']['samples_used']} training points. "
+        "lambda_max, lambda_min, kappa: "
         f"{spread}; trace: +- standard error ({trace_samples} probes). "
         f"kappa = {CONDITION_NUMBER_DEFINITION}.",
         "",
@@ -232,8 +259,11 @@ def boundary_over_run(
 ) -> dict[str, Any]:
     """Decision boundary, vector field, trajectories and robustness per cycle of a classifier run.
 
-    Writes analysis/boundary.json and analysis/boundary_cycle_KKK.png.
+    Writes analysis/boundary.json and analysis/boundary_cycle_KKK.png. ``n_grid``
+    (search grid points per axis, >= 2) and ``trajectories`` (>= 0) are checked
+    before the run is read.
     """
+    check_analysis_arguments(n_grid=n_grid, trajectories=trajectories)
     run_dir, config, rows, data = _run_setup(run_dir)
     if config["task"] != "classification":
         raise ValueError(
