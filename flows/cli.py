@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,7 +18,7 @@ from flows.analysis.settings import ANALYSIS_SETTINGS
 from flows.checkpoint import PathError, check_output_dir, check_output_file
 from flows.pipeline import RUN_DEFAULTS
 from flows.presets import PRESETS, load_config_file, parse_assignment
-from flows.prune import PRUNE_METHODS
+from flows.prune import PRUNE_METHODS, EmptyLayerWarning
 from flows.settings import CYCLE, SAMPLES, SCHEMA, THREADS, Setting
 
 DEMO_SETTINGS = {"cycles": 4, "iters": 400, "prune_ratio": 0.3}
@@ -489,6 +491,28 @@ def error_line(e: BaseException) -> str:
     return "; ".join(lines) or type(e).__name__
 
 
+# The project's own warnings, shown on the command line as one line each (no source line).
+CLI_WARNINGS = (EmptyLayerWarning,)
+
+
+@contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Show CLI_WARNINGS as ``sparseflow COMMAND: warning: ...``; others as Python does."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CLI_WARNINGS):
+            print(f"sparseflow {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; 0 on success, 2 (one line on stderr) for bad input or a file problem.
 
@@ -502,22 +526,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2)
         return e.code if isinstance(e.code, int) else 2
     try:
-        if args.command in ("train", "prune"):
-            _run(args, pruning=args.command == "prune")
-        elif args.command == "eval":
-            cmd_eval(args)
-        elif args.command == "sample":
-            cmd_sample(args)
-        elif args.command == "report":
-            cmd_report(args)
-        elif args.command == "analyze":
-            cmd_analyze(args)
-        elif args.command == "demo":
-            cmd_demo(args)
-        elif args.command == "bench":
-            from bench.cli import run as run_bench
+        with _one_line_warnings(args.command):
+            if args.command in ("train", "prune"):
+                _run(args, pruning=args.command == "prune")
+            elif args.command == "eval":
+                cmd_eval(args)
+            elif args.command == "sample":
+                cmd_sample(args)
+            elif args.command == "report":
+                cmd_report(args)
+            elif args.command == "analyze":
+                cmd_analyze(args)
+            elif args.command == "demo":
+                cmd_demo(args)
+            elif args.command == "bench":
+                from bench.cli import run as run_bench
 
-            return run_bench(args, ["sparseflow", *(sys.argv[1:] if argv is None else argv)])
+                return run_bench(args, ["sparseflow", *(sys.argv[1:] if argv is None else argv)])
     except (ValueError, OSError) as e:
         print(f"sparseflow {args.command}: error: {error_line(e)}", file=sys.stderr)
         return 2
