@@ -1,6 +1,6 @@
 """Benchmark cases: the paper's model shapes x pruning structure x density, and their models.
 
-Shapes come from DESIGN.md ("Performance method"): the toy CNF and the five
+Shapes are the paper's models (docs/design.md, section 7): the toy CNF and the five
 FFJORD tabular models (hidden widths, activation, number of CNF blocks, batch).
 The tabular models use concatsquash time input and FFJORD's tabular solver
 tolerances (atol 1e-8, rtol 1e-6, T = 0.5), as ``flows.presets`` does; the toy

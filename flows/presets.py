@@ -10,7 +10,7 @@ Notes on reading the tables:
   and the moons classifier's vector field is 2-128-2 (``ODEClassifier``'s default).
 - Tables S2/S3 point to FFJORD (Grathwohl et al. 2019, App. B.1 and C) for the
   architectures and solvers: concatsquash MLPs with FFJORD's widths and block
-  counts (DESIGN.md), dopri5 with atol 1e-8, rtol 1e-6, a trained end time
+  counts (bench/cases.py lists them), dopri5 with atol 1e-8, rtol 1e-6, a trained end time
   starting at T = 0.5 (FFJORD's train_tabular defaults).
 - Images use a stack of convolutional CNF blocks after a logit transform, not
   FFJORD's multiscale architecture (see the README for this departure).

@@ -9,7 +9,7 @@ Public API::
     fast.write_back()                         # trained kept values back into f
 
 ``compile_sparse(cnf)`` compiles every vector field inside a flows model (CNF,
-SequentialFlow, ODEBlock, ODEClassifier). See DESIGN.md, "The engine contract".
+SequentialFlow, ODEBlock, ODEClassifier). See docs/design.md, "The engine contract".
 """
 
 from sparsekern.compile import compile_sparse, compiled_fields, write_back

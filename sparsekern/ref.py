@@ -2,7 +2,7 @@
 
 All activations are feature-major: a batch of B vectors of width n is an
 [n, B] matrix, so a sparse row of W streams contiguous batch rows (see
-DESIGN.md, "Backends"). The fused MLP program stacks the state and K tangent
+docs/design.md, "The fused program"). The fused MLP program stacks the state and K tangent
 batches side by side as the columns [h | v_1 | ... | v_K] of one [n, (1+K)B]
 matrix, so one product with W serves the forward pass and the JVP.
 

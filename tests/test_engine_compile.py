@@ -1,4 +1,4 @@
-"""compile_sparse against the dense masked model: the engine contract of DESIGN.md."""
+"""compile_sparse against the dense masked model: the engine contract (docs/design.md, 3)."""
 
 from __future__ import annotations
 

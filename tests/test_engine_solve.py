@@ -1,7 +1,7 @@
 """Compiled bare vector fields as the ``func`` of torchdiffeq's odeint and odeint_adjoint.
 
-DESIGN.md: a compiled field "works as the func of torchdiffeq odeint and odeint_adjoint"
-with the same NFE. Here the fields are handed to the solver directly (not through
+The contract (docs/design.md): a compiled field works as the func of torchdiffeq odeint and
+odeint_adjoint with the same NFE. Here the fields are handed to the solver directly (not through
 flows.CNF): dopri5 must take the same steps, reach the same final state, and give the
 same gradients w.r.t. the initial state and the kept weights as the dense masked model.
 """
