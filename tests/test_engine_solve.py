@@ -22,7 +22,6 @@ from engine_helpers import (
     randn,
     random_mask,
     rel_err,
-    rounding_floor,
     solve_terms,
     step_slack,
 )
@@ -131,28 +130,17 @@ def test_compiled_field_as_the_func_of_odeint(kind, dtype, adjoint):
     z64, nfe64, grads64, _ = _solve(twin, z0.double(), adjoint, tol)
     assert_same_steps(nfe, nfe64, dtype, "float32 against float64 forward")
     terms = solve_terms(field_terms(net, z0.shape[0]), nfe + nfe_back)
-    slack = max(step_slack(nfe_fast, nfe, tol), step_slack(nfe_back_fast, nfe_back, tol))
-    truth_slack = step_slack(nfe, nfe64, tol)
-    assert_as_accurate(z_fast, z_end, z64, terms, "final state", slack + truth_slack)
-    assert_as_accurate(grads_fast["z0"], grads["z0"], grads64["z0"], terms, "z0",
-                       slack + truth_slack)
-    # The kept-parameter gradients jointly (the vector an optimiser steps along).
+    slack = (max(step_slack(nfe_fast, nfe, tol), step_slack(nfe_back_fast, nfe_back, tol))
+             + step_slack(nfe, nfe64, tol))
+    assert_as_accurate(z_fast, z_end, z64, terms, "final state", slack)
+    assert_as_accurate(grads_fast["z0"], grads["z0"], grads64["z0"], terms, "z0", slack)
+    # The kept-parameter gradients jointly (the vector an optimiser steps along). This also
+    # bounds each tensor, in absolute terms, by the whole gradient's noise level: rounding
+    # errors of the adjoint state enter every tensor's gradient integral, so a small tensor
+    # (whose integral cancels) carries an error of the whole gradient's size, not of its
+    # own, and its relative error is one draw of that noise (measured on an AMD EPYC: 4.9e-3
+    # generic against 1.1e-3 dense on a tensor whose norm is 0.2% of the whole gradient's).
+    # float64 checks every tensor to 1e-10 on its own.
     names = sorted(set(grads_fast) - {"z0"})
     joint = [torch.cat([d[n].flatten() for n in names]) for d in (grads_fast, grads, grads64)]
-    assert_as_accurate(*joint, terms, "all parameter gradients", slack + truth_slack)
-    # Per tensor, in absolute terms against the whole gradient's scale: rounding errors of
-    # the adjoint state enter every tensor's gradient integral, so a small tensor (whose
-    # integral cancels) carries an error of the whole gradient's size, not of its own; its
-    # relative error is one draw of that noise (measured on an AMD EPYC: 4.9e-3 generic
-    # against 1.1e-3 dense on one tensor, whose norm is 0.2% of the whole gradient's).
-    # float64 checks every tensor to 1e-10 on its own.
-    whole = joint[2].norm().item()
-    whole_err = (joint[1] - joint[2]).norm().item()
-    for name in names:
-        err = (grads_fast[name] - grads64[name]).norm().item()
-        dense_err = (grads[name] - grads64[name]).norm().item()
-        bound = 2 * max(dense_err, whole_err) + (rounding_floor(terms) + slack
-                                                 + truth_slack) * whole
-        assert err <= bound, (f"{name}: absolute error {err:.3g} > {bound:.3g} (dense "
-                              f"{dense_err:.3g}; whole gradient {whole:.3g}, its dense error "
-                              f"{whole_err:.3g})")
+    assert_as_accurate(*joint, terms, "all parameter gradients", slack)
