@@ -5,11 +5,20 @@ what the engine needs to build its kernels. The C++ (csrc/cpu) and CUDA
 (csrc/cuda) extensions are not ext_modules: building them at install time would
 make pip pull torch into an isolated build environment (a CUDA build of several
 GB on a CPU machine). They are compiled with ninja on first use against the
-torch that is installed, and cached (sparsekern/backends/cpu.py); ``make
+torch that is installed, and cached (sparsekern/backends/build.py); ``make
 install`` triggers that build once, so tests and the demo start without it.
+
+So that an installed wheel can build them too, the sources ship as package data:
+the top-level csrc/ becomes ``sparsekern/_csrc`` (``package_dir``), where
+``sparsekern.backends.build.source_root`` looks first; an editable install has
+no such folder and uses the checkout's csrc/.
 """
 
 from setuptools import find_packages, setup
+
+# csrc/ is installed as sparsekern/_csrc: its C++ and CUDA sources and headers.
+CSRC_PACKAGE = "sparsekern._csrc"
+CSRC_FILES = ["*/*.h", "*/*.cpp", "*/*.cu"]
 
 RUNTIME = [
     "torch>=2.4",
@@ -23,7 +32,8 @@ RUNTIME = [
 ]
 TABULAR = ["pandas", "h5py"]
 TRITON = ["triton"]
-DEV = ["pytest", "pytest-benchmark", "hypothesis", "ruff", *TRITON, *TABULAR]
+# mypy pinned: a newer release may report new errors on unchanged code (tests/test_lint.py).
+DEV = ["pytest", "pytest-benchmark", "hypothesis", "ruff", "mypy==1.20.2", *TRITON, *TABULAR]
 
 setup(
     name="sparseflows",
@@ -33,9 +43,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(
-        include=["flows", "flows.*", "sparsekern", "sparsekern.*", "bench", "bench.*"]
-    ),
+    packages=[
+        *find_packages(
+            include=["flows", "flows.*", "sparsekern", "sparsekern.*", "bench", "bench.*"]
+        ),
+        CSRC_PACKAGE,
+    ],
+    package_dir={CSRC_PACKAGE: "csrc"},
+    package_data={CSRC_PACKAGE: CSRC_FILES},
+    include_package_data=False,
     install_requires=RUNTIME,
     extras_require={"triton": TRITON, "tabular": TABULAR, "dev": DEV},
     entry_points={"console_scripts": ["sparseflow = flows.cli:main"]},

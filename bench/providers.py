@@ -410,27 +410,9 @@ class TorchBSR(Provider):
 
 
 def _sparsekern_backend_reason(backend: str, device: torch.device) -> str | None:
-    if backend == "ref":
-        return None
-    if backend == "cpu":
-        if device.type != "cpu":
-            return "the cpu backend runs on CPU tensors"
-        from sparsekern.backends import cpu
+    from sparsekern import backends
 
-        return None if cpu.available() else "the C++ CPU extension does not build here"
-    if device.type != "cuda":
-        return f"the {backend} backend needs CUDA"
-    if backend == "triton":
-        from sparsekern import triton as triton_backend
-
-        return None if triton_backend.available() else "triton is not available"
-    if backend == "cuda":
-        try:
-            from sparsekern.backends import cuda
-        except ImportError as exc:
-            return f"sparsekern.backends.cuda does not import ({exc})"
-        return None if cuda.available() else "the CUDA extension does not build here"
-    return f"unknown backend {backend!r}"
+    return backends.get(backend).unavailable(device)
 
 
 class Sparsekern(Provider):
@@ -516,9 +498,9 @@ def make_providers(compile_backend: str = "inductor") -> dict[str, Provider]:
 
 def auto_backend(device: torch.device) -> str:
     """The backend sparsekern's "auto" resolves to on ``device``."""
-    from sparsekern.field import resolve_backend
+    from sparsekern import backends
 
-    return resolve_backend("auto", device)
+    return backends.resolve("auto", device)
 
 
 def default_providers(device: torch.device, registry: dict[str, Provider]) -> list[str]:

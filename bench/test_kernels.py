@@ -76,24 +76,26 @@ def test_sddmm(benchmark, shape):
     _record(benchmark, 2 * pattern.nnz * n)
 
 
-def _chain(widths: list[int], density: float, seed: int) -> tuple[list[torch.Tensor], list[int],
-                                                                   int]:
-    """The fused op's flat weight list and layouts for an MLP; dense layers at density 1."""
-    weights: list[torch.Tensor] = []
+def _chain(widths: list[int], density: float, seed: int
+           ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int], int]:
+    """The fused op's values, index and layouts for an MLP; dense layers at density 1."""
+    values: list[torch.Tensor] = []
+    index: list[torch.Tensor] = []
     layouts: list[int] = []
     kept = 0
     for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         if density >= 1.0:
             w = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(seed + i))
-            weights.append(w / n_in**0.5)
+            values.append(w / n_in**0.5)
             layouts.append(LAYOUT_DENSE)
             kept += w.numel()
         else:
             pattern, vals = _sparse(n_out, n_in, density, seed + i)
-            weights += [*pattern.tensors(), vals]
+            values.append(vals)
+            index += pattern.tensors()
             layouts.append(LAYOUT_CSR)
             kept += pattern.nnz
-    return weights, layouts, kept
+    return values, index, layouts, kept
 
 
 # (name, widths, activation, density, batch): the toy model dense, MINIBOONE at 10% in CSR.
@@ -105,13 +107,13 @@ MLP_SHAPES = [
 
 def _mlp_inputs(shape):
     _, widths, act, density, b = shape
-    weights, layouts, kept = _chain(widths, density, 2)
+    values, index, layouts, kept = _chain(widths, density, 2)
     gen = torch.Generator().manual_seed(3)
     x0 = torch.randn(widths[0], b, generator=gen)
     noise = torch.randn(1, widths[0], b, generator=gen)
     scales = [torch.empty(0) for _ in layouts]
     shifts = [torch.randn(n, generator=gen) * 0.1 for n in widths[1:]]
-    return (x0, noise, noise, weights, scales, shifts, layouts, ACT_IDS[act]), kept, b
+    return (x0, noise, noise, values, index, scales, shifts, layouts, ACT_IDS[act]), kept, b
 
 
 @pytest.mark.parametrize("shape", MLP_SHAPES, ids=[s[0] for s in MLP_SHAPES])
@@ -125,10 +127,10 @@ def test_mlp_fwd(benchmark, shape):
 @pytest.mark.parametrize("shape", MLP_SHAPES, ids=[s[0] for s in MLP_SHAPES])
 def test_mlp_bwd(benchmark, shape):
     args, kept, b = _mlp_inputs(shape)
-    x0, tan0, probe, weights, scales, shifts, layouts, act = args
+    x0, tan0, probe, values, index, scales, shifts, layouts, act = args
     with torch.no_grad():
         f, div, saved = ops.mlp_fwd(*args, False, True, "cpu")
         grad_f, grad_div = torch.randn_like(f), torch.randn_like(div)
-        benchmark(ops.mlp_bwd, grad_f, grad_div, x0, tan0, probe, weights, scales, shifts,
-                  layouts, act, False, saved, "cpu")
+        benchmark(ops.mlp_bwd, grad_f, grad_div, x0, tan0, probe, values, index, scales,
+                  shifts, layouts, act, False, saved, "cpu")
     _record(benchmark, 8 * kept * b)

@@ -8,7 +8,7 @@ Public API::
 """
 
 from flows.cnf import CNF, Flow, SequentialFlow
-from flows.divergence import divergence_exact, divergence_hutchinson, sample_noise
+from flows.divergence import sample_noise
 from flows.likelihood import (
     LogitTransform,
     bits_per_dim,
@@ -26,6 +26,7 @@ from flows.odenet import (
     ConvODEnet,
     ODEnet,
 )
+from sparsekern.divergence import divergence_exact, divergence_hutchinson
 
 __version__ = "0.1.0"
 

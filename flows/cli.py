@@ -16,9 +16,9 @@ import torch
 
 from flows.analysis.settings import ANALYSIS_SETTINGS
 from flows.checkpoint import PathError, check_output_dir, check_output_file
-from flows.pipeline import RUN_DEFAULTS
 from flows.presets import PRESETS, load_config_file, parse_assignment
 from flows.prune import PRUNE_METHODS, EmptyLayerWarning
+from flows.run_config import RUN_DEFAULTS
 from flows.settings import CYCLE, SAMPLES, SCHEMA, THREADS, Setting
 
 DEMO_SETTINGS = {"cycles": 4, "iters": 400, "prune_ratio": 0.3}
@@ -175,7 +175,7 @@ def _set_threads(threads: int | None) -> None:
 
 def _run(args: argparse.Namespace, pruning: bool) -> list[dict[str, Any]]:
     from flows.pipeline import run_pipeline
-    from flows.report import results_table
+    from flows.run_report import results_table
 
     config = config_from_args(args, pruning)
     _set_threads(args.threads)
@@ -186,7 +186,8 @@ def _run(args: argparse.Namespace, pruning: bool) -> list[dict[str, Any]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.pipeline import Task, load_cycle_model, read_results
+    from flows.pipeline import Task, load_cycle_model
+    from flows.rundir import read_results
 
     model, config, data = load_cycle_model(args.run, args.cycle)
     cycle = args.cycle if args.cycle is not None else read_results(args.run)[-1]["cycle"]
@@ -267,7 +268,8 @@ def cmd_demo(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
     with other settings is an error (nothing is overwritten).
     """
     from flows.pipeline import build_config, run_pipeline
-    from flows.report import render_report, results_table
+    from flows.report import render_report
+    from flows.run_report import results_table
 
     out = check_output_dir(args.out, "--out demo directory")
     t0 = time.perf_counter()
@@ -324,7 +326,7 @@ def _demo_state(run_dir: Path, config: dict[str, Any]) -> str | None:
     Raises ValueError if run_dir holds a run with another configuration.
     """
     from flows.checkpoint import read_json
-    from flows.pipeline import read_results
+    from flows.rundir import read_results
 
     path = run_dir / "config.json"
     if not path.exists():

@@ -1,11 +1,12 @@
 """How the pipeline runs a cycle on sparsekern's compiled kernels.
 
-After a prune step the flow is compiled (``sparsekern.compile_sparse``): the
-optimiser then trains the kept values only, evaluation runs on the same
-compiled dynamics, and ``write_back`` returns the trained values to the dense
-masked model before the next prune step and the checkpoint. Layers the engine
-cannot compile (the convolutions of image flows) run dense through PyTorch; they
-are listed, never silently skipped.
+After a prune step the flow is compiled (``compile_for_training``, through
+``sparsekern.compile_sparse``): the optimiser then trains the kept values only,
+evaluation runs on the same compiled dynamics, and the pipeline's
+``sparsekern.write_back`` returns the trained values to the dense masked model
+before the next prune step and the checkpoint. Layers the engine cannot compile
+(the convolutions of image flows) run dense through PyTorch; they are listed,
+never silently skipped.
 """
 
 from __future__ import annotations
@@ -39,13 +40,6 @@ def compile_for_training(model: nn.Module) -> tuple[nn.Module, list[str]]:
         work = compile_sparse(model, config)
     dense_ops = [op for f in compiled_fields(work) for op in getattr(f, "eager_ops", [])]
     return work, dense_ops
-
-
-def write_back(work: nn.Module) -> None:
-    """Copy trained kept values from a compiled model into its dense masked source."""
-    from sparsekern import write_back as engine_write_back
-
-    engine_write_back(work)
 
 
 def _step_seconds(

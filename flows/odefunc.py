@@ -10,13 +10,8 @@ import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from flows.divergence import (
-    DIVERGENCES,
-    NOISE_KINDS,
-    divergence_exact,
-    divergence_hutchinson,
-    sample_noise,
-)
+from flows.divergence import DIVERGENCES, NOISE_KINDS, sample_noise
+from sparsekern.divergence import divergence_exact, divergence_hutchinson
 
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_STEP_SOLVERS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
@@ -49,6 +44,10 @@ class ODEFunc(nn.Module):
         self.noise_kind = noise
         self.noise: torch.Tensor | None = None
         self.nfe = 0
+
+    def sparsekern_fields(self) -> tuple[str, ...]:
+        """The vector field sparsekern compiles in a copy of this function."""
+        return ("odenet",)
 
     def reset_nfe(self) -> None:
         self.nfe = 0

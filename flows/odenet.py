@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from sparsekern.protocol import LinearSpec, MLPSpec
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
@@ -144,6 +146,28 @@ class ODEnet(nn.Module):
             if i < len(self.acts):
                 h = self.acts[i](h)
         return h
+
+    def sparsekern_mlp(self) -> MLPSpec | None:
+        """This net as an MLP for sparsekern's fused tier (``sparsekern.protocol``).
+
+        None if a layer is not an ``nn.Linear`` / ``ConcatLinear`` /
+        ``ConcatSquashLinear`` or the activations are of two types.
+        """
+        if len({type(a) for a in self.acts}) > 1:
+            return None
+        layers = []
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear):
+                layers.append(LinearSpec(layer))
+            elif isinstance(layer, ConcatLinear):
+                layers.append(LinearSpec(layer.linear, "concat"))
+            elif isinstance(layer, ConcatSquashLinear):
+                layers.append(LinearSpec(layer.linear, "concatsquash",
+                                         hyper_gate=layer.hyper_gate,
+                                         hyper_bias=layer.hyper_bias))
+            else:
+                return None
+        return MLPSpec(layers, list(self.acts), self.in_dim)
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, hidden={self.hidden}, time={self.time!r}"

@@ -8,26 +8,33 @@ Public API::
     dz, div = fast.forward_and_divergence(t, z, noise)   # Hutchinson; noise=None: exact
     fast.write_back()                         # trained kept values back into f
 
-``compile_sparse(cnf)`` compiles every vector field inside a flows model (CNF,
-SequentialFlow, ODEBlock, ODEClassifier). See docs/design.md, "The engine contract".
+``compile_sparse(model)`` also compiles every vector field a model declares
+(``sparsekern_fields()``), e.g. the ODE functions of a flow. Model code tells the
+engine what its MLPs are through ``sparsekern.protocol`` (``sparsekern_mlp()``,
+``register_mlp``). See docs/design.md, "The engine contract".
 """
 
 from sparsekern.compile import compile_sparse, compiled_fields, write_back
 from sparsekern.config import SparseConfig
-from sparsekern.field import CompiledField
+from sparsekern.field import CompiledField, FieldContract
 from sparsekern.fused import FusedMLP
 from sparsekern.generic import GenericField
 from sparsekern.masks import CompileError
+from sparsekern.protocol import LinearSpec, MLPSpec, register_mlp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompileError",
     "CompiledField",
+    "FieldContract",
     "FusedMLP",
     "GenericField",
+    "LinearSpec",
+    "MLPSpec",
     "SparseConfig",
     "compile_sparse",
     "compiled_fields",
+    "register_mlp",
     "write_back",
 ]

@@ -8,9 +8,10 @@ from torch import nn
 
 from sparsekern.config import SparseConfig
 from sparsekern.field import CompiledField
-from sparsekern.fused import FusedMLP, recognise_chain
+from sparsekern.fused import FusedMLP
 from sparsekern.generic import GenericField
 from sparsekern.masks import CompileError
+from sparsekern.protocol import declared_fields, recognise_chain
 
 
 def _compile_field(f: nn.Module, config: SparseConfig) -> CompiledField:
@@ -21,74 +22,102 @@ def _compile_field(f: nn.Module, config: SparseConfig) -> CompiledField:
         return FusedMLP(f, chain, config)
     if config.tier == "fused":
         raise CompileError(
-            f"tier='fused' needs a recognised MLP (flows.ODEnet or an nn.Sequential of Linear "
-            f"and one elementwise activation), got {type(f).__name__}; use tier='auto'"
+            f"tier='fused' needs a recognised MLP (a module whose sparsekern_mlp() describes "
+            f"it, a type registered with sparsekern.protocol.register_mlp, or an nn.Sequential "
+            f"of Linear and one elementwise activation), got {type(f).__name__}; use tier='auto'"
         )
     return GenericField(f, config)
 
 
-def _with_compiled_dynamics(model: nn.Module, config: SparseConfig) -> nn.Module | None:
-    """A structural copy of a flows model whose ODE functions hold compiled fields.
-
-    Containers on the way to an ``ODEFunc`` are copied shallowly, so parameters
-    outside the vector fields (a CNF's end time, a read-out layer) stay shared
-    with ``model``; None if ``model`` holds no ``ODEFunc``.
-    """
-    from flows.odefunc import ODEFunc
-
-    if isinstance(model, ODEFunc):
-        new = copy.copy(model)
-        new._modules = dict(model._modules)
-        new._parameters = dict(model._parameters)
-        new._buffers = dict(model._buffers)
-        new.odenet = _compile_field(model.odenet, config)
-        return new
-    changed = {}
-    for name, child in model.named_children():
-        compiled = _with_compiled_dynamics(child, config)
-        if compiled is not None:
-            changed[name] = compiled
-    if not changed:
-        return None
+def _shallow_copy(model: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
     new = copy.copy(model)
     new._modules = dict(model._modules)
     new._parameters = dict(model._parameters)
     new._buffers = dict(model._buffers)
-    for name, child in changed.items():
-        new._modules[name] = child
+    new._modules.update(children)
     return new
 
 
+def _with_compiled_fields(model: nn.Module, config: SparseConfig) -> nn.Module | None:
+    """A structural copy of ``model`` whose declared vector fields are compiled fields.
+
+    Every child a module names in ``sparsekern_fields()`` is compiled (once, however
+    many places hold it). Containers on the way are copied shallowly, so parameters
+    outside the vector fields (a flow's end time, a read-out layer) stay the same
+    Parameters as in ``model``. None if nothing inside declares fields.
+    """
+    fields: dict[int, nn.Module] = {}
+    containers = 0
+    for m in model.modules():
+        names = declared_fields(m)
+        containers += names is not None
+        for name in names or ():
+            field = m._modules[name]
+            assert field is not None  # declared_fields checked that each name is a child module
+            fields[id(field)] = field
+    if not containers:
+        return None
+    done: dict[int, nn.Module | None] = {}
+
+    def rebuild(module: nn.Module) -> nn.Module | None:
+        if id(module) not in done:
+            if id(module) in fields:
+                done[id(module)] = _compile_field(module, config)
+            else:
+                changed = {}
+                for name, child in module._modules.items():
+                    new = None if child is None else rebuild(child)
+                    if new is not None:
+                        changed[name] = new
+                done[id(module)] = _shallow_copy(module, changed) if changed else None
+        return done[id(module)]
+
+    # A container with no field to compile is still a container: a copy, not a field.
+    new = rebuild(model)
+    return _shallow_copy(model, {}) if new is None else new
+
+
 def compile_sparse(model: nn.Module, config: SparseConfig | None = None) -> nn.Module:
-    """Compile a pruned (or dense) vector field, or every vector field inside a flow.
+    """Compile a pruned (or dense) vector field, or every vector field inside a model.
+
+    How a model tells the engine what it is (``sparsekern.protocol``):
+
+    - a vector field whose ``sparsekern_mlp()`` describes it as an MLP (its
+      ``nn.Linear`` layers, time modes, activation), or whose type has a describe
+      function (``register_mlp``; ``nn.Sequential`` chains have one), gets the
+      fused tier; any other vector field the generic tier;
+    - a container whose ``sparsekern_fields()`` names child modules that are vector
+      fields (an ODE function) has those children compiled, wherever it sits in
+      ``model`` (a CNF, a stack of flows, a classifier).
 
     Args:
-        model: a vector field f(t, z) or f(z) (any nn.Module; flows.ODEnet and
-            nn.Sequential MLPs get the fused tier), or a flows model holding
-            ODE functions (``flows.CNF``, ``SequentialFlow``, ``ODEBlock``,
-            ``ODEClassifier``). Masks come from ``weight_mask`` buffers
-            (flows.prune or torch.nn.utils.prune) or, without one, exact zeros.
+        model: a vector field f(t, z) or f(z) (any nn.Module), or a model holding
+            such containers. Masks come from ``weight_mask`` buffers (with exact
+            zeros at pruned places, or torch.nn.utils.prune's ``weight_orig``)
+            or, without one, exact zeros.
         config: ``SparseConfig`` (layout, backend, tier, fallback, ...).
 
     Returns:
         For a vector field, a ``CompiledField`` with f's call signature (same
         output), ``forward_and_divergence(t, z, noise=None)`` and
-        ``write_back()``. For a flow, a model of the same class whose dynamics
-        (and divergence) run compiled; its parameters are the kept values plus
-        the flow's own parameters outside its vector fields (shared with
-        ``model``). ``sparsekern.write_back(compiled)`` copies trained values
-        back into ``model``.
+        ``write_back()``. For a model holding declared fields, a structural copy
+        of the same classes in which those fields (and their divergence) run
+        compiled; containers on the way are copied shallowly, so its parameters
+        are the kept values plus the model's own parameters outside its vector
+        fields, the same Parameter objects as in ``model``.
+        ``sparsekern.write_back(compiled)`` copies trained values back into ``model``.
 
     Raises:
         CompileError: a mask of the wrong shape, NaN weights, an op on the state
-            path that cannot be compiled (unless fallback="eager"), ...
+            path that cannot be compiled (unless fallback="eager"), a malformed
+            ``sparsekern_mlp`` / ``sparsekern_fields`` answer, ...
     """
     config = config or SparseConfig()
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile_sparse takes an nn.Module, got {type(model).__name__}")
-    flow = _with_compiled_dynamics(model, config)
-    if flow is not None:
-        return flow
+    compiled = _with_compiled_fields(model, config)
+    if compiled is not None:
+        return compiled
     return _compile_field(model, config)
 
 

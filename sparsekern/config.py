@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
-from sparsekern.precision import check_precision, is_reduced
+from sparsekern import backends
+from sparsekern.precision import Precision, check_precision
 
-LAYOUTS = ("auto", "dense", "csr", "blocked")
-BACKEND_CHOICES = ("auto", "ref", "cpu", "triton", "cuda")
-TIERS = ("auto", "fused", "generic")
-FALLBACKS = ("error", "eager")
+Layout = Literal["auto", "dense", "csr", "blocked"]
+BackendOption = Literal["auto", "ref", "cpu", "triton", "cuda"]
+Tier = Literal["auto", "fused", "generic"]
+Fallback = Literal["error", "eager"]
+LAYOUTS: tuple[Layout, ...] = get_args(Layout)
+BACKEND_CHOICES: tuple[BackendOption, ...] = get_args(BackendOption)
+TIERS: tuple[Tier, ...] = get_args(Tier)
+FALLBACKS: tuple[Fallback, ...] = get_args(Fallback)
 # Element types models and states may hold. bf16/fp16 exist only as the operand precision
 # of products (SparseConfig.precision), never as the type of a model.
 DTYPES = (torch.float32, torch.float64)
@@ -23,7 +27,7 @@ DTYPES = (torch.float32, torch.float64)
 BACKEND_ENV = "SPARSEKERN_BACKEND"
 
 
-def default_backend() -> str:
+def default_backend() -> BackendOption:
     """``$SPARSEKERN_BACKEND`` if set (one of ``BACKEND_CHOICES``), else "auto".
 
     Raises:
@@ -49,52 +53,20 @@ def check_dtype(dtype: torch.dtype, what: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def cuda_matmul_precision(device: torch.device, allow_tf32: bool) -> Iterator[None]:
-    """Run torch's dense products on ``device`` with TF32 exactly as requested (default off).
-
-    cuBLAS products (torch.matmul, ``@``) follow a process-wide flag that user
-    code may have switched on; adaptive solvers need exact fp32, so the flag is
-    set for the duration and restored. A no-op off CUDA, when the flag already
-    has the requested value, and while torch.compile traces (it would break the graph).
-    """
-    if device.type != "cuda" or compiling():
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    before = matmul.allow_tf32
-    if before == allow_tf32:
-        yield
-        return
-    matmul.allow_tf32 = allow_tf32
-    try:
-        yield
-    finally:
-        matmul.allow_tf32 = before
-
-
-def compiling() -> bool:
-    """Whether torch.compile is tracing the current call."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling and is_compiling())
-
-
 @dataclass(frozen=True)
 class SparseConfig:
     """How ``compile_sparse`` compiles a vector field.
 
     Attributes:
         layout: per-layer storage. "auto" measures the candidates on each layer
-            (``sparsekern.cost``); "dense" (neuron-reduced dense), "csr" and
+            (``sparsekern.autotune``); "dense" (neuron-reduced dense), "csr" and
             "blocked" force one for every layer.
-        backend: kernels. "auto" picks by device: on CPU the C++ extension; on
-            CUDA the available GPU backends ("triton", and "cuda" once its
-            extension is built), timed on the compiled field when ``autotune``
-            is on (fused tier), else Triton first (``sparsekern.field``); with
-            none available, "ref" with a warning. "ref" is plain PyTorch (the
-            test oracle). Default: ``$SPARSEKERN_BACKEND`` when set, else "auto".
-        tier: "auto" fuses recognised MLPs (flows.ODEnet, nn.Sequential chains)
-            and compiles anything else generically; "generic" forces the
+        backend: kernels: "ref" (plain PyTorch, the test oracle), "cpu", "triton",
+            "cuda", or "auto", resolved per device by the backend registry
+            (``sparsekern.backends``; docs/design.md §2.9). Default:
+            ``$SPARSEKERN_BACKEND`` when set, else "auto".
+        tier: "auto" fuses MLPs that describe themselves (``sparsekern.protocol``;
+            nn.Sequential chains) and compiles anything else generically; "generic" forces the
             generic tier (autograd to any order everywhere); "fused" raises if
             the model is not a recognised MLP.
         fallback: what to do with an op on the state path that the engine
@@ -107,28 +79,21 @@ class SparseConfig:
             near tie may go either way from run to run); False picks by a
             density rule alone, so the same masks always give the same layouts
             and bit-identical results (the pipeline's resumable runs use this).
-        precision: the products' precision (``sparsekern.precision``).
-            "ieee" (default): exact float32, whatever torch's global TF32 flag
-            says, because adaptive solvers need the accuracy. "tf32": GPU
-            kernels and cuBLAS may use TF32 tensor cores for float32 (both
-            tiers). "bf16" / "fp16" (the fused tier only):
-            product operands rounded to bfloat16 / float16, float32
-            accumulation, everything else float32; for float32 models on the
-            "triton" backend (tensor cores) or "ref" (the same rounding, for
-            testing); "auto" picks those, and the generic tier refuses them.
+        precision: the products' precision, "ieee" (default, exact), "tf32",
+            "bf16" or "fp16": defined in ``sparsekern.precision`` (docs/design.md §4).
 
     Models must hold float32 or float64 parameters (``DTYPES``); reduced
     precision is a property of the products, never of the model.
     """
 
-    layout: str = "auto"
-    backend: str = field(default_factory=default_backend)
-    tier: str = "auto"
-    fallback: str = "error"
+    layout: Layout = "auto"
+    backend: BackendOption = field(default_factory=default_backend)
+    tier: Tier = "auto"
+    fallback: Fallback = "error"
     reduce_neurons: bool = True
     batch_hint: int = 1024
     autotune: bool = True
-    precision: str = "ieee"
+    precision: Precision = "ieee"
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -142,7 +107,8 @@ class SparseConfig:
                     f"SparseConfig.{name}={getattr(self, name)!r}; expected one of {allowed}"
                 )
         check_precision(self.precision, "SparseConfig.precision")
-        if is_reduced(self.precision) and self.backend in ("cpu", "cuda"):
+        if (self.backend != "auto"
+                and self.precision not in backends.get(self.backend).precisions):
             source = (f" (the default from ${BACKEND_ENV})"
                       if os.environ.get(BACKEND_ENV, "").strip() == self.backend else "")
             raise ValueError(

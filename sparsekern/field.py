@@ -1,18 +1,48 @@
-"""CompiledField: what compile_sparse returns for a vector field, whichever tier compiled it."""
+"""CompiledField: what compile_sparse returns for a vector field, whichever tier compiled it.
+
+``FieldContract`` is the contract as a ``typing.Protocol``: what model code (an
+ODE function, a solver) may rely on, whichever tier compiled the field.
+"""
 
 from __future__ import annotations
 
-import functools
 import inspect
-import warnings
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from sparsekern import backends
+from sparsekern.backends import BackendChoice
 from sparsekern.config import SparseConfig, check_dtype
-from sparsekern.cost import median_seconds
 from sparsekern.masks import CompileError
-from sparsekern.precision import REDUCED_BACKENDS, is_reduced
+from sparsekern.precision import is_reduced
+
+
+@runtime_checkable
+class FieldContract(Protocol):
+    """A compiled vector field (docs/design.md, "The engine contract").
+
+    ``field(t, z)`` (or ``field(z)``, the source's arity): z [B, d] -> dz/dt [B, d].
+    """
+
+    tier: str
+    backend: str
+
+    def forward_and_divergence(
+        self, t: torch.Tensor | None, z: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dz [B, d], div [B]): Hutchinson noise^T (df/dz) noise with noise [B, d],
+        the exact trace of df/dz without."""
+        ...
+
+    def write_back(self) -> None:
+        """Copy the trained kept values into the source module (zeros where pruned)."""
+        ...
+
+    def summary(self) -> str:
+        """A markdown table of what was compiled (layers, layouts, backend)."""
+        ...
 
 
 def call_arity(f: nn.Module) -> int:
@@ -28,66 +58,6 @@ def call_arity(f: nn.Module) -> int:
             "called as f(z) or f(t, z)"
         )
     return len(params)
-
-
-# backend="auto" on a CUDA device without measurement takes the first available of these.
-GPU_RULE_ORDER = ("triton", "cuda")
-# Devices on which backend="auto" measures the candidates (a module constant for tests).
-MEASURED_DEVICE_TYPES = ("cuda",)
-
-# (device, field key, candidates, batch) -> the backend measured fastest, for the process.
-_measured: dict[tuple, str] = {}
-
-
-def gpu_backends(precision: str = "ieee") -> list[str]:
-    """The GPU backends "auto" may pick here for ``precision``, in ``GPU_RULE_ORDER``.
-
-    "triton" when triton imports and CUDA is available; "cuda" when the CUDA
-    extension is already built or loaded (``sparsekern.backends.cuda.is_built``):
-    "auto" never starts a minutes-long nvcc build, backend="cuda" does. For
-    bf16/fp16 only the backends with such products (``REDUCED_BACKENDS``).
-    """
-    from sparsekern import triton as triton_backend
-    from sparsekern.backends import cuda
-
-    found = {"triton": triton_backend.available(), "cuda": cuda.is_built() and cuda.available()}
-    return [b for b in GPU_RULE_ORDER
-            if found[b] and (not is_reduced(precision) or b in REDUCED_BACKENDS)]
-
-
-@functools.cache
-def _auto_backend(device_type: str, precision: str = "ieee") -> str:
-    """The backend "auto" resolves to on a device type without measuring (warns on fallback)."""
-    if is_reduced(precision) and device_type != "cuda":
-        warnings.warn(f"sparsekern: precision={precision!r} products have kernels on CUDA "
-                      f"(Triton); on {device_type} the plain PyTorch reference backend rounds "
-                      "them the same way (correct, not fast)", stacklevel=3)
-        return "ref"
-    if device_type == "cpu":
-        from sparsekern.backends import cpu
-
-        if cpu.available():
-            return "cpu"
-        warnings.warn("sparsekern: the C++ CPU kernels could not be built; running the plain "
-                      "PyTorch reference backend (correct, not fast)", stacklevel=3)
-        return "ref"
-    if device_type == "cuda":
-        found = gpu_backends(precision)
-        if found:
-            return found[0]
-        needs = "triton does not import" if is_reduced(precision) else (
-            "triton does not import, and the CUDA extension is not built: backend='cuda' "
-            "builds it")
-        warnings.warn(f"sparsekern: no GPU backend for precision={precision!r} is available "
-                      f"({needs}); running the plain PyTorch reference backend on the GPU "
-                      "(correct, not fast)", stacklevel=3)
-        return "ref"
-    return "ref"
-
-
-def resolve_backend(choice: str, device: torch.device, precision: str = "ieee") -> str:
-    """The backend that runs on ``device`` for a config's ``backend`` choice (no measuring)."""
-    return _auto_backend(device.type, precision) if choice == "auto" else choice
 
 
 def check_precision_dtype(precision: str, dtype: torch.dtype, what: str) -> None:
@@ -149,26 +119,28 @@ class CompiledField(nn.Module):
                 )
         self._source = [source]  # not a submodule: its dense parameters are not ours
         first = next(source.parameters(), None)
-        self.backend = resolve_backend(
+        self._backend = BackendChoice(backends.resolve(
             config.backend, first.device if first is not None else torch.device("cpu"),
             config.precision,
-        )
+        ))
 
     @property
     def source(self) -> nn.Module:
         """The module this was compiled from."""
         return self._source[0]
 
+    @property
+    def backend(self) -> str:
+        """The backend the field's kernels run on (read by its layers at call time)."""
+        return self._backend.name
+
     def _set_backend(self, backend: str) -> None:
-        self.backend = backend
-        for m in self.modules():
-            if m is not self and hasattr(m, "backend"):
-                m.backend = backend
+        self._backend.name = backend
 
     def _first_tensor(self) -> torch.Tensor | None:
         """A tensor with the field's dtype and device: its first parameter or, for a field
         with every weight pruned (no parameter), its first floating buffer (kept values)."""
-        first = next(self.parameters(), None)
+        first: torch.Tensor | None = next(self.parameters(), None)
         if first is None:
             first = next((b for b in self.buffers() if b.is_floating_point()), None)
         return first
@@ -190,7 +162,7 @@ class CompiledField(nn.Module):
         out = super()._apply(fn, recurse)
         first = self._first_tensor()
         if first is not None and (first.device, first.dtype) != before:
-            self._set_backend(resolve_backend(self.config.backend, first.device,
+            self._set_backend(backends.resolve(self.config.backend, first.device,
                                               self.config.precision))
             self.select_backend()
         return out
@@ -211,46 +183,29 @@ class CompiledField(nn.Module):
     def select_backend(self) -> str:
         """backend="auto" on CUDA with ``config.autotune``: time each GPU backend, keep the fastest.
 
-        Each available GPU backend (``gpu_backends``) runs ``forward_and_divergence``
-        (Hutchinson, no gradient) at ``config.batch_hint`` on this field once;
-        the choice is cached per (device, field structure, candidates, batch)
-        for the process. A backend that fails is left out with a warning.
-        Without measuring (autotune=False, one candidate, or a field with no
-        sample input) the rule of ``resolve_backend`` stands: Triton first.
+        The candidates (``backends.candidates``) each run ``forward_and_divergence``
+        (Hutchinson, no gradient) at ``config.batch_hint`` on this field once
+        (``autotune.fastest_backend``, cached per device, field structure,
+        candidates and batch). Without measuring (autotune=False, one
+        candidate, or a field with no sample input) the rule of
+        ``backends.resolve`` stands: Triton first.
 
         Returns:
             The backend the field runs on now.
         """
+        from sparsekern.autotune import fastest_backend
+
         first = self._first_tensor()
         if (self.config.backend != "auto" or not self.config.autotune or first is None
-                or first.device.type not in MEASURED_DEVICE_TYPES):
+                or first.device.type not in backends.MEASURED_DEVICE_TYPES):
             return self.backend
-        candidates = tuple(gpu_backends(self.config.precision))
+        found = tuple(backends.candidates(first.device.type, self.config.precision))
         key = self._backend_key()
-        if len(candidates) < 2 or key is None:
+        if len(found) < 2 or key is None:
             return self.backend
-        device = first.device
-        cache_key = (str(device), key, candidates, self.config.batch_hint)
-        if cache_key not in _measured:
-            gen = torch.Generator(device=device).manual_seed(0)
-            sample = self._sample_call(self.config.batch_hint, gen)
-            if sample is None:
-                return self.backend
-            rule = self.backend
-            times: dict[str, float] = {}
-            with torch.no_grad():
-                for backend in candidates:
-                    self._set_backend(backend)
-                    try:
-                        times[backend] = median_seconds(
-                            lambda: self.forward_and_divergence(*sample), device)
-                    except Exception as exc:
-                        warnings.warn(f"sparsekern: backend {backend!r} failed on "
-                                      f"{type(self.source).__name__} while choosing the fastest "
-                                      f"GPU backend ({type(exc).__name__}: {exc}); left out",
-                                      stacklevel=2)
-            _measured[cache_key] = min(times, key=times.get) if times else rule
-        self._set_backend(_measured[cache_key])
+        chosen = fastest_backend(self, found, key, first.device)
+        if chosen is not None:
+            self._set_backend(chosen)
         return self.backend
 
     def _split_args(self, args: tuple) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -7,11 +7,17 @@ entry j holds ``vals[perm[j]]``), so W^T g, which every backward pass needs,
 streams rows like W x does, with no atomics and no re-sorting at run time.
 
 Index tensors are int32: the kernels index with 32 bits and nnz < 2^31.
+
+The fused MLP program's layers (``LayerProgram``: a layout, the values and the
+patterns) travel through the ops as (values, index, layouts); ``decode_program``
+is the one place Python reads them back (``csrc/common/mlp_program.h`` the C++ one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -208,44 +214,127 @@ class BlockedPattern:
         )
 
 
-# Layer layouts of the fused MLP program. A dense layer contributes one tensor
-# (its [n_out, n_in] matrix) to the op's flat ``weights`` list, a CSR layer six
-# (the five pattern tensors, then its values), a blocked layer nine (the CSR six,
-# then bptr, bcol, bslot).
+# ----------------------------------------------------------- the fused MLP program
+
+# Layer layouts of the fused MLP program (the op's ``layouts``: one code per layer).
 LAYOUT_DENSE = 0
 LAYOUT_CSR = 1
 LAYOUT_BLOCKED = 2
-LAYOUT_NAMES = {LAYOUT_DENSE: "dense", LAYOUT_CSR: "csr", LAYOUT_BLOCKED: "blocked"}
-LAYOUT_CODES = {name: code for code, name in LAYOUT_NAMES.items()}
-_TENSORS_PER_LAYOUT = {LAYOUT_DENSE: 1, LAYOUT_CSR: 6, LAYOUT_BLOCKED: 9}
+Layout = Literal["dense", "csr", "blocked"]
+LAYOUT_NAMES: dict[int, Layout] = {LAYOUT_DENSE: "dense", LAYOUT_CSR: "csr",
+                                   LAYOUT_BLOCKED: "blocked"}
+LAYOUT_CODES: dict[Layout, int] = {name: code for code, name in LAYOUT_NAMES.items()}
+# The index tensors of a layer in the op's ``index`` list, by layout: none for a dense
+# layer, the CSR pattern's five for csr, those five then the blocks' three for blocked.
+INDEX_NAMES = ("rowptr", "col", "rowptr_t", "col_t", "perm", "bptr", "bcol", "bslot")
+INDEX_COUNTS = {LAYOUT_DENSE: 0, LAYOUT_CSR: 5, LAYOUT_BLOCKED: 8}
 
-Layer = torch.Tensor | tuple[CSRPattern, torch.Tensor] | tuple[CSRPattern, torch.Tensor,
-                                                                BlockedPattern]
+
+class ProgramError(ValueError, RuntimeError):
+    """A malformed fused MLP program: a ValueError, and a RuntimeError as torch's op checks
+    (``torch._check``, the C++ kernels' ``TORCH_CHECK``) raise."""
 
 
-def split_weights(weights: list[torch.Tensor], layouts: list[int]) -> list[Layer]:
-    """Per layer: the dense matrix, (pattern, vals) for CSR, (pattern, vals, blocks) blocked.
+class ProgramTypeError(TypeError, RuntimeError):
+    """A fused MLP program tensor of the wrong dtype (a TypeError, and a RuntimeError)."""
+
+
+@dataclass(frozen=True)
+class LayerProgram:
+    """One layer of the fused MLP program (``sparsekern.ref``): W_l in its layout.
+
+    Attributes:
+        layout: "dense", "csr" or "blocked" (``LAYOUT_CODES``).
+        values: the only differentiable weight input: the [n_out, n_in] matrix of a
+            dense layer, the [nnz] kept values (CSR order) of a csr or blocked one.
+        csr: the kept pattern (csr and blocked layers; W^T g and the weight gradient
+            of a blocked layer run on it).
+        blocks: the blocked layout of ``csr`` (blocked layers), for W x.
+    """
+
+    layout: Layout
+    values: torch.Tensor
+    csr: CSRPattern | None = None
+    blocks: BlockedPattern | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUT_CODES:
+            raise ProgramError(f"unknown layout {self.layout!r}; expected one of "
+                               f"{tuple(LAYOUT_CODES)}")
+        if (self.csr is None) != (self.layout == "dense") or (
+                (self.blocks is None) != (self.layout != "blocked")):
+            raise ProgramError(f"a {self.layout} layer takes "
+                               + {"dense": "no pattern", "csr": "a CSR pattern only",
+                                  "blocked": "a CSR pattern and its blocks"}[self.layout])
+
+    @property
+    def code(self) -> int:
+        """The layout's code in the op's ``layouts``."""
+        return LAYOUT_CODES[self.layout]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_out, n_in) of W."""
+        if self.csr is None:
+            return self.values.shape[0], self.values.shape[1]
+        return self.csr.shape
+
+    @property
+    def n_out(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_in(self) -> int:
+        return self.shape[1]
+
+    def index(self) -> list[torch.Tensor]:
+        """This layer's entries of the op's ``index`` list (``INDEX_NAMES`` order)."""
+        if self.csr is None:
+            return []
+        return self.csr.tensors() + ([] if self.blocks is None else self.blocks.tensors())
+
+
+def decode_program(values: Sequence[torch.Tensor], index: Sequence[torch.Tensor],
+                   layouts: Sequence[int]) -> list[LayerProgram]:
+    """The fused ops' (values, index, layouts) as one ``LayerProgram`` per layer.
 
     Args:
-        weights: the flat list the fused ops take (see ``LAYOUT_*``).
+        values: one tensor per layer (``LayerProgram.values``).
+        index: the layers' index tensors, concatenated (``INDEX_COUNTS`` per layout).
         layouts: one ``LAYOUT_*`` code per layer.
+
+    Raises:
+        ProgramError: an unknown layout code, or counts that do not fit the layouts.
+        Shapes, dtypes and devices are ``sparsekern.program.check_program``'s.
     """
-    out: list[Layer] = []
-    i = 0
     for layer, code in enumerate(layouts):
-        if code not in _TENSORS_PER_LAYOUT:
-            raise ValueError(f"layer {layer}: unknown layout code {code}")
-        n = _TENSORS_PER_LAYOUT[code]
-        chunk = weights[i : i + n]
-        if len(chunk) != n:
-            raise ValueError(f"weights list ends inside layer {layer} ({len(weights)} tensors)")
+        if code not in INDEX_COUNTS:
+            raise ProgramError(f"layer {layer} has unknown layout code {code!r} "
+                               f"({LAYOUT_DENSE} dense, {LAYOUT_CSR} csr, "
+                               f"{LAYOUT_BLOCKED} blocked)")
+    if len(values) != len(layouts):
+        raise ProgramError(f"{len(values)} value tensors for {len(layouts)} layers (values "
+                           "has exactly one tensor per layer)")
+    expected = sum(INDEX_COUNTS[code] for code in layouts)
+    if len(index) != expected:
+        raise ProgramError(f"{len(index)} index tensors for layouts {list(layouts)}, expected "
+                           f"{expected} (0 per dense, 5 per csr, 8 per blocked layer)")
+    out = []
+    i = 0
+    for code, vals in zip(layouts, values, strict=True):
         if code == LAYOUT_DENSE:
-            out.append(chunk[0])
-        elif code == LAYOUT_CSR:
-            out.append((CSRPattern(*chunk[:5]), chunk[5]))
-        else:
-            out.append((CSRPattern(*chunk[:5]), chunk[5], BlockedPattern(*chunk[6:])))
-        i += n
-    if i != len(weights):
-        raise ValueError(f"weights list has {len(weights) - i} tensors beyond the last layer")
+            out.append(LayerProgram("dense", vals))
+            continue
+        csr = CSRPattern(*index[i:i + 5])
+        blocks = BlockedPattern(*index[i + 5:i + 8]) if code == LAYOUT_BLOCKED else None
+        out.append(LayerProgram(LAYOUT_NAMES[code], vals, csr, blocks))
+        i += INDEX_COUNTS[code]
     return out
+
+
+def encode_program(layers: list[LayerProgram]) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                                       list[int]]:
+    """Inverse of ``decode_program``: (values, index, layouts) for the fused ops."""
+    return ([layer.values for layer in layers],
+            [t for layer in layers for t in layer.index()],
+            [layer.code for layer in layers])

@@ -1,8 +1,8 @@
 """The fused tier: recognised MLP vector fields as one forward + JVP program.
 
-Recognised: ``flows.ODEnet`` (time "none", "concat", "concatsquash"; any of its
-activations) and ``nn.Sequential`` chains Linear, act, ..., Linear with one
-elementwise activation type (torchdyn style, f(z)).
+Compiled: a ``Chain`` from ``sparsekern.protocol``, the description of an MLP
+that model code gives (``sparsekern_mlp()``, ``register_mlp``; time "none",
+"concat", "concatsquash"; one activation type), nn.Sequential chains included.
 
 Each layer becomes ``a = scale * (W_core x) + shift`` with W_core a
 ``CoreMatrix`` over the live neurons; the time terms (concat's time column,
@@ -24,124 +24,48 @@ as in the dense masked model.
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
 
 from sparsekern import ops
-from sparsekern.activations import ACT_FNS, ACT_IDS, activation_name
-from sparsekern.config import SparseConfig, compiling, cuda_matmul_precision
-from sparsekern.cost import choose_layout
+from sparsekern.activations import ACT_FNS, ACT_IDS
+from sparsekern.autotune import choose_layout
+from sparsekern.config import SparseConfig
 from sparsekern.field import CompiledField
-from sparsekern.linear import CoreMatrix, KeptPool, KeptTensor
-from sparsekern.masks import MaskedTensor, masked_tensor
-from sparsekern.precision import cublas_may_use_tf32, round_cotangent, round_operand
-
-
-@dataclass
-class ChainLayer:
-    """One linear layer of a recognised MLP, as masked tensors."""
-
-    name: str
-    weight: MaskedTensor  # [out, in] (+1 time column for concat)
-    bias: MaskedTensor | None
-    time: str = "none"  # "none" | "concat" | "concatsquash"
-    gate_weight: MaskedTensor | None = None  # concatsquash: sigmoid(gate_weight t + gate_bias)
-    gate_bias: MaskedTensor | None = None
-    time_weight: MaskedTensor | None = None  # concatsquash: + time_weight t
-
-
-@dataclass
-class Chain:
-    layers: list[ChainLayer]
-    act: str
-    in_dim: int
-
-
-def _linear(module: nn.Linear, name: str) -> tuple[MaskedTensor, MaskedTensor | None]:
-    weight = masked_tensor(module, name, "weight")
-    bias = masked_tensor(module, name, "bias", zeros_are_pruned=False)
-    return weight, bias
-
-
-def _dense(module: nn.Module | None, name: str, attr: str) -> MaskedTensor | None:
-    if module is None:
-        return None
-    return masked_tensor(module, name, attr, zeros_are_pruned=False)
-
-
-def recognise_chain(f: nn.Module) -> Chain | None:
-    """The MLP structure of ``f`` if the fused tier can compile it, else None."""
-    from flows.odenet import ConcatLinear, ConcatSquashLinear, ODEnet
-
-    if isinstance(f, ODEnet):
-        act = activation_name(f.acts[0]) if len(f.acts) else "identity"
-        if act is None or any(activation_name(a) != act for a in f.acts):
-            return None
-        layers = []
-        for i, layer in enumerate(f.layers):
-            if isinstance(layer, nn.Linear):
-                w, b = _linear(layer, f"layers.{i}")
-                layers.append(ChainLayer(f"layers.{i}", w, b))
-            elif isinstance(layer, ConcatLinear):
-                w, b = _linear(layer.linear, f"layers.{i}.linear")
-                layers.append(ChainLayer(f"layers.{i}.linear", w, b, "concat"))
-            elif isinstance(layer, ConcatSquashLinear):
-                name = f"layers.{i}"
-                w, b = _linear(layer.linear, f"{name}.linear")
-                layers.append(ChainLayer(
-                    f"{name}.linear", w, b, "concatsquash",
-                    gate_weight=_dense(layer.hyper_gate, f"{name}.hyper_gate", "weight"),
-                    gate_bias=_dense(layer.hyper_gate, f"{name}.hyper_gate", "bias"),
-                    time_weight=_dense(layer.hyper_bias, f"{name}.hyper_bias", "weight"),
-                ))
-            else:
-                return None
-        return Chain(layers, act, f.in_dim)
-    if isinstance(f, nn.Sequential) and len(f) % 2 == 1:
-        mods = list(f)
-        linears, acts = mods[0::2], mods[1::2]
-        if not all(type(m) is nn.Linear for m in linears):
-            return None
-        names = [activation_name(a) for a in acts]
-        act = names[0] if names else "identity"
-        if act is None or any(n != act for n in names):
-            return None
-        layers = [ChainLayer(str(2 * i), *_linear(m, str(2 * i))) for i, m in enumerate(linears)]
-        for a, b in itertools.pairwise(layers):
-            if a.weight.mask.shape[0] != b.weight.mask.shape[1]:
-                return None
-        if layers[-1].weight.mask.shape[0] != layers[0].weight.mask.shape[1]:
-            return None  # not a vector field (output width differs from input width)
-        return Chain(layers, act, layers[0].weight.mask.shape[1])
-    return None
-
-
-def _state_mask(layer: ChainLayer) -> torch.Tensor:
-    mask = layer.weight.mask
-    return mask[:, :-1] if layer.time == "concat" else mask
+from sparsekern.linear import CoreMatrix, KeptPool, KeptTensor, program_matmul
+from sparsekern.masks import MaskedTensor
+from sparsekern.precision import (
+    cublas_may_use_tf32,
+    cuda_matmul_precision,
+    round_cotangent,
+    round_operand,
+)
+from sparsekern.program import Primitives, program_forward
+from sparsekern.protocol import Chain, ChainLayer, state_mask
 
 
 def reduce_chain(chain: Chain, reduce: bool) -> list[dict[str, torch.Tensor]]:
     """Per layer: ``rows`` (computed), ``cols`` (read), ``dead`` (folded constants), as int64."""
-    masks = [_state_mask(layer) for layer in chain.layers]
+    masks = [state_mask(layer) for layer in chain.layers]
     n = len(masks)
     dev = masks[0].device
-    alive = []
+    alive: list[torch.Tensor] = []
     prev = torch.ones(chain.in_dim, dtype=torch.bool, device=dev)
     for m in masks:
         prev = (m & prev[None, :]).any(1) if reduce else torch.ones(m.shape[0], dtype=torch.bool,
                                                                    device=dev)
         alive.append(prev)
-    needed = [None] * n
+    # Filled from the last layer back: needed[i] is set before it is read.
+    needed = cast("list[torch.Tensor]", [None] * n)
     needed[-1] = torch.ones(masks[-1].shape[0], dtype=torch.bool, device=dev)
     for i in range(n - 1, 0, -1):
         needed[i - 1] = ((masks[i] & needed[i][:, None]).any(0) if reduce
                          else torch.ones(masks[i].shape[1], dtype=torch.bool, device=dev))
     plan = []
-    prev_rows = None
+    prev_rows: torch.Tensor | None = None
     for i, m in enumerate(masks):
         last = i == n - 1
         rows = torch.ones_like(needed[i]) if last else alive[i] & needed[i]
@@ -150,6 +74,7 @@ def reduce_chain(chain: Chain, reduce: bool) -> list[dict[str, torch.Tensor]]:
             cols = ((m & rows[:, None]).any(0) if reduce
                     else torch.ones(m.shape[1], dtype=torch.bool, device=dev))
         else:
+            assert prev_rows is not None  # set by layer i - 1
             cols = prev_rows
         plan.append({
             "rows": rows.nonzero().squeeze(1),
@@ -163,6 +88,21 @@ def reduce_chain(chain: Chain, reduce: bool) -> list[dict[str, torch.Tensor]]:
 class FusedLayer(nn.Module):
     """One layer of a FusedMLP: kept parameters, its core and its fold of dead inputs."""
 
+    weight: KeptTensor
+    bias: KeptTensor | None
+    gate_weight: KeptTensor | None  # concatsquash only, as are gate_bias and time_weight
+    gate_bias: KeptTensor | None
+    time_weight: KeptTensor | None
+    core: CoreMatrix
+    n_fold: int  # set with fold_index
+    # Buffers.
+    rows: torch.Tensor
+    dead: torch.Tensor | None
+    time_sel: torch.Tensor  # concat only, as is time_rows
+    time_rows: torch.Tensor
+    fold_sel: torch.Tensor | None
+    fold_index: torch.Tensor  # registered when fold_sel is not None
+
     def __init__(self, layer: ChainLayer, plan: dict[str, torch.Tensor],
                  prev_dead: torch.Tensor | None, layout: str, pool: KeptPool) -> None:
         super().__init__()
@@ -174,7 +114,7 @@ class FusedLayer(nn.Module):
             # gradient sums over the uses); its core, folds and reduction stay per use.
             return None if source is None else pool.get(source)
 
-        self.weight = kept(layer.weight)
+        self.weight = pool.get(layer.weight)
         self.bias = kept(layer.bias)
         self.gate_weight = kept(layer.gate_weight)
         self.gate_bias = kept(layer.gate_bias)
@@ -216,12 +156,15 @@ class FusedLayer(nn.Module):
             col = self.weight.values.index_select(0, self.time_sel)
             wt = col.new_zeros(self.n_out).index_put((self.time_rows,), col)
             return None, shift + tt * wt
+        # concatsquash: build_chain gives it both (the hyper_gate's and hyper_bias' weights).
+        assert self.gate_weight is not None and self.time_weight is not None
         gate_b = self.gate_bias.dense() if self.gate_bias is not None else 0
         gate = torch.sigmoid(self.gate_weight.dense().view(-1) * tt + gate_b)
         return gate, shift * gate + self.time_weight.dense().view(-1) * tt
 
     def fold(self, consts: torch.Tensor) -> torch.Tensor:
         """W[:, dead_prev] @ consts over all n_out rows."""
+        assert self.fold_sel is not None  # called for layers with a fold only (_program)
         vals = self.weight.values.index_select(0, self.fold_sel)
         w = vals.new_zeros(self.n_out * self.n_fold).index_put((self.fold_index,), vals)
         return w.view(self.n_out, self.n_fold) @ consts
@@ -231,16 +174,46 @@ class FusedLayer(nn.Module):
                             self.time_weight) if k is not None]
 
 
+class _GraphPrimitives(Primitives):
+    """The program's forward primitives for f with autograd: registered differentiable
+    ops (``linear.program_matmul``) and torch's activations, no tangent columns.
+
+    bf16/fp16 products round their operands and, through ``round_cotangent``, the
+    cotangents of autograd's backward products, as ``mlp_fwd`` / ``mlp_bwd`` do.
+    """
+
+    def __init__(self, backend: str, act, precision: str) -> None:
+        self.backend, self.act, self.precision = backend, act, precision
+
+    def product(self, layer, x):
+        p = self.precision
+        return round_cotangent(program_matmul(layer, round_operand(x, p), self.backend), p)
+
+    @staticmethod
+    def _affine(m, scale, shift):
+        return (m if scale is None else scale[:, None] * m) + shift[:, None]
+
+    def hidden(self, m, scale, shift, keep_m):
+        return self.act(self._affine(m, scale, shift))
+
+    def head(self, m, scale, shift):
+        return self._affine(m, scale, shift)
+
+
 class FusedMLP(CompiledField):
     """A recognised MLP compiled to the fused program (``sparsekern.ref.mlp_fwd_ref``).
 
     ``forward_and_divergence`` runs one ``sparsekern::mlp_fwd`` op (forward pass
     and JVP together; differentiable once). ``forward`` without gradients runs
-    the same op with no tangent; with gradients it runs the per-layer
-    differentiable path (``CoreMatrix.matmul``), so autograd works to any order.
+    the same op with no tangent; with gradients it runs the program's layer loop
+    (``program.program_forward``) on differentiable primitives (``_GraphPrimitives``),
+    so autograd works to any order. The op's ``index`` list is constant
+    (``_index_list``); its ``values`` (``CoreMatrix.op_value``) are per call.
     """
 
     tier = "fused"
+    layers: Sequence[FusedLayer]  # an nn.ModuleList
+    cols0: torch.Tensor  # buffer
 
     def __init__(self, source: nn.Module, chain: Chain, config: SparseConfig) -> None:
         super().__init__(source, config)
@@ -255,20 +228,21 @@ class FusedMLP(CompiledField):
         pool = KeptPool()
         for layer, p in zip(chain.layers, plan, strict=True):
             if config.layout == "auto":
-                core_mask = _state_mask(layer).index_select(0, p["rows"]).index_select(1, p["cols"])
+                core_mask = state_mask(layer).index_select(0, p["rows"]).index_select(1, p["cols"])
                 layout = choose_layout(core_mask, 2 * config.batch_hint, dtype, backend,
                                        config.autotune)
             else:
                 layout = config.layout
             layers.append(FusedLayer(layer, p, prev_dead, layout, pool))
             prev_dead = p["dead"]
-        self.layers = nn.ModuleList(layers)
+        self.layers = cast("Sequence[FusedLayer]", nn.ModuleList(layers))
         self.register_buffer("cols0", plan[0]["cols"], persistent=False)
         self.all_cols0 = plan[0]["cols"].numel() == chain.in_dim
         self.layouts = [layer.core.code for layer in self.layers]
         self._params = list(self.parameters())
         self._time_free = all(layer.time == "none" for layer in self.layers)
         self._op_cache: tuple | None = None
+        self._index: list[torch.Tensor] | None = None
         self.select_backend()
 
     # -- backend="auto" by measurement (CompiledField.select_backend) ---------------
@@ -281,16 +255,19 @@ class FusedMLP(CompiledField):
     def _sample_call(self, batch: int, generator: torch.Generator
                      ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         like = self.layers[0].weight.values
-        opts = dict(dtype=like.dtype, device=like.device, generator=generator)
-        z = torch.randn(batch, self.in_dim, **opts)
+        z = torch.randn(batch, self.in_dim, dtype=like.dtype, device=like.device,
+                        generator=generator)
         t = torch.full((), 0.5, dtype=like.dtype, device=like.device)
-        return t, z, torch.randn(batch, self.in_dim, **opts)
+        noise = torch.randn(batch, self.in_dim, dtype=like.dtype, device=like.device,
+                            generator=generator)
+        return t, z, noise
 
     # -- the per-call program -------------------------------------------------------
-    def _program(self, t: torch.Tensor | None, like: torch.Tensor) -> list[tuple]:
+    def _program(self, t: torch.Tensor | None, like: torch.Tensor
+                 ) -> list[tuple[FusedLayer, torch.Tensor | None, torch.Tensor]]:
         """Per layer (layer, scale over computed rows or None, shift over computed rows)."""
         out = []
-        consts = None
+        consts: torch.Tensor | None = None
         act = ACT_FNS[self.act]
         for layer in self.layers:
             scale, shift = layer.affine(t, like)
@@ -322,19 +299,34 @@ class FusedMLP(CompiledField):
         """[B, d] -> the first layer's feature-major input rows [n0, B], contiguous."""
         return x.t().contiguous() if self.all_cols0 else x.t().index_select(0, self.cols0)
 
-    def _build_op_inputs(self, t, z, weights: list[torch.Tensor] | None = None
+    def _index_list(self) -> list[torch.Tensor]:
+        """The op's ``index`` list: constant (the cores' buffers), built once and again
+        after ``.to()`` replaced the buffers (``_apply``)."""
+        if self._index is not None and not torch.compiler.is_compiling():
+            return self._index
+        index = [t for layer in self.layers for t in layer.core.index_tensors()]
+        if not torch.compiler.is_compiling():
+            self._index = index
+        return index
+
+    def _apply(self, fn, recurse=True):
+        self._index = None  # the buffers are replaced; CompiledField may run calls meanwhile
+        return super()._apply(fn, recurse)
+
+    def _build_op_inputs(self, t, z, values: list[torch.Tensor] | None = None
                          ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """The op's flat weights list (unless given), scales and shifts for time t."""
-        build = weights is None
-        weights = [] if build else weights
-        scales, shifts = [], []
+        """The op's per-call ``values`` (unless given), scales and shifts for time t."""
+        build = values is None
+        values = [] if values is None else values
+        scales: list[torch.Tensor] = []
+        shifts: list[torch.Tensor] = []
         empty = z.new_empty(0)
         for layer, scale, shift in self._program(t, z):
             if build:
-                weights += layer.core.op_tensors(layer.weight.values)
+                values.append(layer.core.op_value(layer.weight.values))
             scales.append(empty if scale is None else scale)
             shifts.append(shift)
-        return weights, scales, shifts
+        return values, scales, shifts
 
     def _op_inputs(self, t, z, save: bool
                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -347,19 +339,19 @@ class FusedMLP(CompiledField):
         the same version counter and storage, so optimiser steps, load_state_dict,
         write-ins and .to() all rebuild it.
         """
-        if save or compiling():
+        if save or torch.compiler.is_compiling():
             return self._build_op_inputs(t, z)
         key = (tuple((p._version, p.data_ptr()) for p in self._params), z.dtype, z.device)
         if self._op_cache is None or self._op_cache[0] != key:
             self._op_cache = (key, self._build_op_inputs(t, z))
             return self._op_cache[1]
-        weights, scales, shifts = self._op_cache[1]
+        values, scales, shifts = self._op_cache[1]
         if self._time_free:
-            return weights, scales, shifts
-        return self._build_op_inputs(t, z, weights)
+            return values, scales, shifts
+        return self._build_op_inputs(t, z, values)
 
     def _run_fused(self, t, z, noise, exact: bool, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, scales, shifts = self._op_inputs(t, z, save)
+        values, scales, shifts = self._op_inputs(t, z, save)
         empty = z.new_empty(0)
         x0 = self._gather(z)
         b, n0 = z.shape[0], x0.shape[0]
@@ -376,28 +368,28 @@ class FusedMLP(CompiledField):
             # as tangent too (the op would otherwise copy each).
             probe = noise.t().contiguous()[None]
             tan0 = probe if self.all_cols0 else probe.index_select(1, self.cols0)
-        f, div, _ = ops.mlp_fwd(x0, tan0, probe, weights, scales, shifts, self.layouts,
-                                self.act_id, exact, save, self.backend, self.config.precision)
+        f, div, _ = ops.mlp_fwd(x0, tan0, probe, values, self._index_list(), scales, shifts,
+                                self.layouts, self.act_id, exact, save, self.backend,
+                                self.config.precision)
         return f.t().contiguous(), div
 
     def _run_graph(self, t, z) -> torch.Tensor:
-        h = self._gather(z)
-        backend = self.backend
-        act = ACT_FNS[self.act]
+        """f by the program loop (``program.program_forward``) with differentiable
+        primitives and no tangent, so autograd differentiates it to any order."""
         program = self._program(t, z)
-        # The op's products, forward and backward: bf16/fp16 operands and cotangents
-        # rounded as mlp_fwd/mlp_bwd round them. Dense cores multiply with torch's
-        # matmul, TF32 as configured (its backward runs later, under the caller's
-        # setting; the sparse ops are exact either way).
         precision = self.config.precision
+        # bf16/fp16: the kept values rounded before the core takes its part (the same
+        # numbers as rounding the core's; zeros stay zeros).
+        layers = [layer.core.program(round_operand(layer.weight.values, precision))
+                  for layer, _, _ in program]
+        prims = _GraphPrimitives(self.backend, ACT_FNS[self.act], precision)
+        # Dense cores multiply with torch's matmul, TF32 as configured (its backward runs
+        # later, under the caller's setting; the sparse ops are exact either way).
         with cuda_matmul_precision(z.device, cublas_may_use_tf32(precision)):
-            for i, (layer, scale, shift) in enumerate(program):
-                m = round_cotangent(layer.core.matmul(
-                    round_operand(layer.weight.values, precision), round_operand(h, precision),
-                    backend), precision)
-                a = (m if scale is None else scale[:, None] * m) + shift[:, None]
-                h = act(a) if i + 1 < len(program) else a
-        return h.t()
+            f, _ = program_forward(prims, layers, self._gather(z),
+                                   [scale for _, scale, _ in program],
+                                   [shift for _, _, shift in program], save=False)
+        return f.t()
 
     # -- the contract -------------------------------------------------------------
     def forward(self, *args: torch.Tensor) -> torch.Tensor:

@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import cast
 
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from sparsekern.config import SparseConfig, cuda_matmul_precision
-from sparsekern.cost import choose_layout
+from sparsekern.autotune import choose_layout
+from sparsekern.config import SparseConfig
+from sparsekern.divergence import divergence_exact, divergence_hutchinson
 from sparsekern.field import CompiledField
 from sparsekern.linear import KeptPool, SparseLinear
 from sparsekern.masks import CompileError, masked_tensor
-from sparsekern.precision import is_reduced, uses_tf32
+from sparsekern.precision import cuda_matmul_precision, is_reduced, uses_tf32
 
 
 def _drop_legacy_like(state_dict, prefix, *args) -> None:
@@ -84,8 +86,8 @@ class GenericField(CompiledField):
         if is_reduced(config.precision):
             # Computing exactly instead would quietly ignore what was asked for.
             why = ("tier='generic' was requested" if config.tier == "generic" else
-                   f"{type(source).__name__} is not a recognised MLP (flows.ODEnet, an "
-                   "nn.Sequential chain), so it compiles to the generic tier")
+                   f"{type(source).__name__} is not a recognised MLP (sparsekern.protocol), "
+                   "so it compiles to the generic tier")
             raise CompileError(
                 f"SparseConfig.precision={config.precision!r} rounds the products of the fused "
                 f"tier; {why}, whose products are exact float32: use precision='ieee' (or "
@@ -127,6 +129,9 @@ class GenericField(CompiledField):
             return self._linears[key]
         owner_name, owner, attr = _owner(source_root, weight_name)
         weight = masked_tensor(owner, owner_name, attr.removesuffix("_orig"))
+        # weight_name is a parameter of source_root (an nn.Linear's weight, or F.linear's
+        # get_attr operand), so its owner has it: masked_tensor returns None only without one.
+        assert weight is not None
         bias = None
         if bias_name is not None:
             b_owner_name, b_owner, b_attr = _owner(source_root, bias_name)
@@ -134,12 +139,12 @@ class GenericField(CompiledField):
                                  zeros_are_pruned=False)
         if weight.value.dim() != 2:
             raise CompileError(f"{weight.name} is not a matrix (shape {list(weight.value.shape)})")
-        layout = self.config.layout
+        layout: str = self.config.layout
         if layout == "auto":
             core = weight.mask[weight.mask.any(1)][:, weight.mask.any(0)]
             layout = choose_layout(core, self.config.batch_hint, weight.value.dtype,
                                    self.backend, self.config.autotune)
-        lin = SparseLinear(weight, bias, layout, self.backend, self._pool)
+        lin = SparseLinear(weight, bias, layout, self._backend, self._pool)
         # One weight with two biases (F.linear): two maps, sharing the weight's KeptTensor.
         self.sparse[name if name not in self.sparse else f"{name}#{len(self.sparse)}"] = lin
         self._linears[key] = lin
@@ -198,8 +203,9 @@ class GenericField(CompiledField):
                 b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
                 if (isinstance(w, fx.Node) and w.op == "get_attr" and w.target in params and
                         (b is None or (isinstance(b, fx.Node) and b.op == "get_attr"))):
+                    # A get_attr node's target is the attribute's qualified name.
                     lin = self._make_linear(source, w.target, w.target,
-                                            None if b is None else b.target)
+                                            None if b is None else cast(str, b.target))
                     with graph.inserting_after(node):
                         call = graph.call_module(self._add(gm, lin, count), (node.args[0],))
                     count += 1
@@ -299,8 +305,6 @@ class GenericField(CompiledField):
     def forward_and_divergence(
         self, t: torch.Tensor | None, z: torch.Tensor, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from flows.divergence import divergence_exact, divergence_hutchinson
-
         create_graph = torch.is_grad_enabled()
         # The divergence's own products (autograd through the field) under the same rule.
         with torch.enable_grad(), cuda_matmul_precision(z.device,

@@ -4,8 +4,10 @@
   only thing an optimiser sees) plus where they go in the dense tensor;
   ``KeptPool`` gives tied (shared) parameters one KeptTensor.
 - ``CoreMatrix``: the part of a weight that multiplies live inputs into live
-  outputs, in a layout: "dense" (a neuron-reduced dense matrix) or "csr"
-  (``formats.CSRPattern``, transpose stored).
+  outputs, in a layout: "dense" (a neuron-reduced dense matrix), "csr"
+  (``formats.CSRPattern``, transpose stored) or "blocked"; as a layer of the
+  fused program it is a ``formats.LayerProgram`` (``program``), its constant
+  index tensors ``index_tensors`` and its per-call values ``op_value``.
 - ``SparseLinear``: the generic tier's drop-in for ``nn.Linear`` (any batch
   shape, autograd to any order).
 """
@@ -19,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from sparsekern import ops
-from sparsekern.formats import LAYOUT_CODES, BlockedPattern, CSRPattern
+from sparsekern.backends import BackendChoice
+from sparsekern.formats import LAYOUT_CODES, BlockedPattern, CSRPattern, LayerProgram
 from sparsekern.masks import CompileError, MaskedTensor
 
 
@@ -36,6 +39,9 @@ class KeptTensor(nn.Module):
     rebuilds the full tensor (differentiable, zeros at pruned places) and
     ``write_back()`` copies the values into the source module.
     """
+
+    values: torch.Tensor  # a Parameter, or an empty buffer when nothing is kept
+    flat_index: torch.Tensor
 
     def __init__(self, source: MaskedTensor) -> None:
         super().__init__()
@@ -125,6 +131,17 @@ class CoreMatrix(nn.Module):
         layout: "dense", "csr" or "blocked".
     """
 
+    sel: torch.Tensor | None  # None: the core holds every kept value
+    reduced_index: torch.Tensor  # dense layout
+    rowptr: torch.Tensor  # csr and blocked layouts
+    col: torch.Tensor
+    rowptr_t: torch.Tensor
+    col_t: torch.Tensor
+    perm: torch.Tensor
+    bptr: torch.Tensor  # blocked layout
+    bcol: torch.Tensor
+    bslot: torch.Tensor
+
     def __init__(self, weight: KeptTensor, rows: torch.Tensor, cols: torch.Tensor,
                  layout: str) -> None:
         super().__init__()
@@ -153,7 +170,6 @@ class CoreMatrix(nn.Module):
         if layout == "dense":
             reduced_index = rr[in_core] * self.n_cols + cc[in_core]
             self.register_buffer("reduced_index", reduced_index, persistent=False)
-            self.pattern = None
         else:
             core_mask = torch.zeros(self.n_rows, self.n_cols, dtype=torch.bool,
                                     device=rows.device)
@@ -171,11 +187,22 @@ class CoreMatrix(nn.Module):
     def code(self) -> int:
         return LAYOUT_CODES[self.layout]
 
-    def pattern_tensors(self) -> list[torch.Tensor]:
-        return [self.rowptr, self.col, self.rowptr_t, self.col_t, self.perm]
+    def csr_pattern(self) -> CSRPattern | None:
+        """The core's CSR pattern (csr and blocked layouts)."""
+        if self.layout == "dense":
+            return None
+        return CSRPattern(self.rowptr, self.col, self.rowptr_t, self.col_t, self.perm)
 
-    def block_tensors(self) -> list[torch.Tensor]:
-        return [self.bptr, self.bcol, self.bslot]
+    def blocked_pattern(self) -> BlockedPattern | None:
+        """The core's blocks (blocked layout)."""
+        if self.layout != "blocked":
+            return None
+        return BlockedPattern(self.bptr, self.bcol, self.bslot)
+
+    def index_tensors(self) -> list[torch.Tensor]:
+        """This layer's entries of the fused op's constant ``index`` list (none if dense)."""
+        csr, blocks = self.csr_pattern(), self.blocked_pattern()
+        return ([] if csr is None else csr.tensors()) + ([] if blocks is None else blocks.tensors())
 
     def core_values(self, values: torch.Tensor) -> torch.Tensor:
         """The core's entries [nnz_core] of a kept-values vector (differentiable)."""
@@ -189,25 +216,37 @@ class CoreMatrix(nn.Module):
         flat = v.new_zeros(self.n_rows * self.n_cols)
         return flat.index_put((self.reduced_index,), v).view(self.n_rows, self.n_cols)
 
-    def op_tensors(self, values: torch.Tensor) -> list[torch.Tensor]:
-        """This layer's entries in the fused op's flat ``weights`` list."""
-        if self.layout == "dense":
-            return [self.matrix(values)]
-        tensors = [*self.pattern_tensors(), self.core_values(values)]
-        return tensors + self.block_tensors() if self.layout == "blocked" else tensors
+    def op_value(self, values: torch.Tensor) -> torch.Tensor:
+        """This layer's entry of the fused op's ``values``: the dense core matrix, or the
+        core's kept values in CSR order (differentiable w.r.t. ``values``)."""
+        return self.matrix(values) if self.layout == "dense" else self.core_values(values)
+
+    def program(self, values: torch.Tensor) -> LayerProgram:
+        """The core as a fused program layer, its values taken from the kept ``values``."""
+        return LayerProgram(self.layout, self.op_value(values), self.csr_pattern(),
+                            self.blocked_pattern())
 
     def matmul(self, values: torch.Tensor, x: torch.Tensor, backend: str) -> torch.Tensor:
         """W_core x for feature-major x [n_cols, N] -> [n_rows, N], differentiable to any order."""
-        if self.layout == "dense":
-            return self.matrix(values) @ x
-        if self.layout == "blocked":
-            return ops.spmm_blocked(*self.pattern_tensors(), self.core_values(values),
-                                    *self.block_tensors(), x, backend)
-        return ops.spmm(*self.pattern_tensors(), self.core_values(values), x, False, backend)
+        return program_matmul(self.program(values), x, backend)
 
     def extra_repr(self) -> str:
         return (f"{self.name}: {self.layout} [{self.n_rows}, {self.n_cols}], nnz={self.nnz} "
                 f"({100 * self.density:.1f}%)")
+
+
+def program_matmul(layer: LayerProgram, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """W x of a fused program layer through the registered ops: differentiable to any order.
+
+    Dense: torch's matmul; csr: ``ops.spmm``; blocked: ``ops.spmm_blocked`` (its
+    backward runs on the CSR pattern). x: [n_in, N] feature-major.
+    """
+    if layer.csr is None:
+        return layer.values @ x
+    if layer.blocks is not None:
+        return ops.spmm_blocked(*layer.csr.tensors(), layer.values, *layer.blocks.tensors(), x,
+                                backend)
+    return ops.spmm(*layer.csr.tensors(), layer.values, x, False, backend)
 
 
 class SparseLinear(nn.Module):
@@ -218,8 +257,11 @@ class SparseLinear(nn.Module):
     the input and the kept values), so autograd-based divergences train through it.
     """
 
+    rows: torch.Tensor
+    cols: torch.Tensor
+
     def __init__(self, weight: MaskedTensor, bias: MaskedTensor | None, layout: str,
-                 backend: str, pool: KeptPool | None = None) -> None:
+                 backend: BackendChoice, pool: KeptPool | None = None) -> None:
         super().__init__()
         pool = pool or KeptPool()  # a field's pool ties parameters shared between its layers
         self.weight = pool.get(weight)
@@ -233,7 +275,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
         self.core = CoreMatrix(self.weight, rows, cols, layout)
-        self.backend = backend  # kept in step with the device by CompiledField._apply
+        self.backend = backend  # the field's choice, read at call time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -249,7 +291,7 @@ class SparseLinear(nn.Module):
         if self.core.layout == "dense":
             y = F.linear(xs, self.core.matrix(values))
         else:
-            y = self.core.matmul(values, xs.t(), self.backend).t()
+            y = self.core.matmul(values, xs.t(), self.backend.name).t()
         if not self.all_rows:
             y = y.new_zeros(y.shape[0], self.out_features).index_copy(1, self.rows, y)
         if bias is not None:

@@ -85,11 +85,12 @@ def masked_tensor(
     if isinstance(orig, nn.Parameter) and mask is not None:
         target, value = orig, orig.detach()
     else:
-        target = getattr(module, attr, None)
-        if target is None:
+        found = getattr(module, attr, None)
+        if found is None:
             return None
-        if not isinstance(target, nn.Parameter):
-            raise CompileError(f"{qual} is not an nn.Parameter (got {type(target).__name__})")
+        if not isinstance(found, nn.Parameter):
+            raise CompileError(f"{qual} is not an nn.Parameter (got {type(found).__name__})")
+        target = found
         value = target.detach()
     if mask is not None:
         if mask.shape != value.shape:

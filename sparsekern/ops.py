@@ -9,92 +9,43 @@ under ``torch.compile`` without graph breaks, and an autograd formula:
   formulas made of each other, so they are differentiable to any order: the
   generic tier's sparse linear layers support autograd.grad(create_graph=True).
 - ``mlp_fwd`` (the fused forward + JVP program, ``sparsekern.ref``) is
-  differentiable once, through the hand-written ``mlp_bwd``.
+  differentiable once, through the hand-written ``mlp_bwd``. Both take the
+  layers as (values, index, layouts) (``formats.decode_program``: ``values``
+  one differentiable tensor per layer, ``index`` the constant pattern tensors)
+  and check them with ``program.check_program``, in the eager path and the fake.
 
-Precision: ``spmm``, ``spmm_blocked`` and ``sddmm`` are plain multiply-adds in
-every backend (exact IEEE). ``mlp_fwd`` / ``mlp_bwd`` take ``precision``
-(``SparseConfig.precision``, ``sparsekern.precision``; default "ieee"): Triton
-receives it (``tl.dot`` on TF32, bf16 or fp16 operands, or IEEE fp32), CUDA as
-TF32 on or off for its cuBLAS products, and "ref" rounds its product operands
-for bf16/fp16 and runs on CUDA with torch's TF32 flag set for the call. The
-"cpu" and "cuda" kernels have no bf16/fp16 products and refuse them.
+Precision (defined once in ``sparsekern.precision`` and docs/design.md §4):
+``spmm``, ``spmm_blocked`` and ``sddmm`` are exact multiply-adds in every
+backend; ``mlp_fwd`` / ``mlp_bwd`` take ``precision`` and pass it on as each
+backend's entry point expects (``_run_mlp``); a backend without such products
+refuses it (``backends.check_precision_supported``).
 
 Tensors are feature-major (see ``sparsekern.ref``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sparsekern import ref
-from sparsekern.config import cuda_matmul_precision
-from sparsekern.formats import LAYOUT_BLOCKED, LAYOUT_CSR, LAYOUT_DENSE, split_weights
+from sparsekern.backends import BACKENDS, check_precision_supported, kernel
+from sparsekern.formats import LAYOUT_BLOCKED, LAYOUT_CSR, LAYOUT_DENSE, decode_program
 from sparsekern.precision import (
-    REDUCED_BACKENDS,
     check_precision,
     cublas_may_use_tf32,
-    is_reduced,
+    cuda_matmul_precision,
     uses_tf32,
 )
-
-BACKENDS = ("ref", "cpu", "triton", "cuda")
-
-
-def _cpu() -> Any:
-    from sparsekern.backends import cpu
-
-    return cpu.extension()
-
-
-def _triton() -> Any:
-    from sparsekern import triton as triton_backend
-
-    return triton_backend
-
-
-def _cuda() -> Any:
-    from sparsekern.backends import cuda
-
-    return cuda.extension()
-
-
-_LOADERS: dict[str, Callable[[], Any]] = {
-    "ref": lambda: ref,
-    "cpu": _cpu,
-    "triton": _triton,
-    "cuda": _cuda,
-}
-_REF_NAMES = {"spmm": "spmm_ref", "spmm_blocked": "spmm_blocked_ref", "sddmm": "sddmm_ref",
-              "mlp_fwd": "mlp_fwd_ref", "mlp_bwd": "mlp_bwd_ref"}
-
-
-def _kernel(name: str, backend: str, device: torch.device) -> Callable[..., Any]:
-    if backend not in _LOADERS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend 'cpu' runs on CPU tensors, got tensors on {device}")
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend 'cuda' runs on CUDA tensors, got tensors on {device}")
-    if backend == "triton" and device.type != "cuda" and not (
-            device.type == "cpu" and _triton().interpreting()):
-        raise ValueError(f"backend 'triton' runs on CUDA tensors (CPU tensors only under "
-                         f"TRITON_INTERPRET=1), got tensors on {device}")
-    module = _LOADERS[backend]()
-    return getattr(module, _REF_NAMES[name] if backend == "ref" else name)
+from sparsekern.program import check_program
 
 
 def _run_mlp(name: str, backend: str, device: torch.device, precision: str, *args: Any) -> Any:
     """Run the MLP kernel ``name`` of ``backend`` with the requested product precision."""
     check_precision(precision, f"sparsekern::{name} precision")
-    if is_reduced(precision) and backend not in REDUCED_BACKENDS:
-        raise ValueError(f"sparsekern::{name}: backend {backend!r} has no {precision} products "
-                         f"(exact float32 only); use one of {REDUCED_BACKENDS} or "
-                         "precision='ieee'")
-    fn = _kernel(name, backend, device)
+    check_precision_supported(backend, precision, f"sparsekern::{name}")
+    fn = kernel(name, backend, device)
     if backend == "triton":
         return fn(*args, precision=precision)
     if backend == "cuda":
@@ -129,7 +80,7 @@ def spmm(
     Returns:
         [R, N] ([C, N] if transpose), contiguous.
     """
-    fn = _kernel("spmm", backend, x.device)
+    fn = kernel("spmm", backend, x.device)
     return fn(rowptr, col, rowptr_t, col_t, perm, vals, x.contiguous(), transpose)
 
 
@@ -188,7 +139,7 @@ def spmm_blocked(
         [R, N]. Its backward runs on the CSR pattern (``spmm`` with the stored
         transpose, ``sddmm``), so it is differentiable to any order.
     """
-    fn = _kernel("spmm_blocked", backend, x.device)
+    fn = kernel("spmm_blocked", backend, x.device)
     return fn(rowptr, col, rowptr_t, col_t, perm, vals, bptr, bcol, bslot, x.contiguous())
 
 
@@ -239,7 +190,7 @@ def sddmm(
     Returns:
         [nnz], in the order of ``col``.
     """
-    fn = _kernel("sddmm", backend, a.device)
+    fn = kernel("sddmm", backend, a.device)
     return fn(rowptr, col, a.contiguous(), b.contiguous())
 
 
@@ -268,12 +219,28 @@ torch.library.register_autograd("sparsekern::sddmm", _sddmm_backward, setup_cont
 # ------------------------------------------------------------------ fused MLP
 
 
+def _check_program(x0, tan0, probe, values, index, scales, shifts, layouts, act, exact,
+                   **backward) -> list[int]:
+    """``program.check_program`` on the op's arguments: the eager path's and the fake's."""
+    return check_program(x0, tan0, probe, values, index, scales, shifts, layouts, act, exact,
+                         **backward)
+
+
+# Backends whose MLP entry points check the whole program themselves: Triton's run
+# ``check_program`` (``launch.check_mlp``), the C++ kernels decode and check it in
+# csrc/common/mlp_program.h. The eager path leaves it to them rather than check twice;
+# a Python check would cost the C++ path some 20 us per call, a tenth of a small field's
+# evaluation. The fakes (and "ref") check here.
+_SELF_CHECKING = ("triton", "cpu", "cuda")
+
+
 @torch.library.custom_op("sparsekern::mlp_fwd", mutates_args=())
 def mlp_fwd(
     x0: Tensor,
     tan0: Tensor,
     probe: Tensor,
-    weights: list[Tensor],
+    values: list[Tensor],
+    index: list[Tensor],
     scales: list[Tensor],
     shifts: list[Tensor],
     layouts: list[int],
@@ -285,46 +252,41 @@ def mlp_fwd(
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The fused forward + JVP program of an MLP (``sparsekern.ref.mlp_fwd_ref``).
 
-    Returns f [d, B], div [B] and, with ``save``, the activations the backward
-    needs. Differentiable once (w.r.t. x0, the weights, scales and shifts).
-    ``precision``: the products' precision (``sparsekern.precision``; default exact).
+    The layers are (values, index, layouts) (``formats.decode_program``): ``values``
+    one tensor per layer (the dense matrix, or the [nnz] kept values of a csr or
+    blocked layer), ``index`` the layers' index tensors concatenated. Returns f
+    [d, B], div [B] and, with ``save``, the activations the backward needs.
+    Differentiable once (w.r.t. x0, values, scales and shifts). ``precision``: the
+    products' precision (``sparsekern.precision``; default exact).
     """
+    if backend not in _SELF_CHECKING:
+        _check_program(x0, tan0, probe, values, index, scales, shifts, layouts, act, exact)
     return _run_mlp("mlp_fwd", backend, x0.device, precision, x0.contiguous(),
-                    tan0.contiguous(), probe.contiguous(), weights, scales, shifts, layouts, act,
-                    exact, save)
-
-
-def _mlp_widths(x0: Tensor, weights: list[Tensor], layouts: list[int]) -> list[int]:
-    widths = []
-    for layer in split_weights(weights, layouts):
-        if isinstance(layer, Tensor):
-            widths.append(layer.shape[0])
-        else:
-            widths.append(layer[0].rowptr.shape[0] - 1)
-    return widths
+                    tan0.contiguous(), probe.contiguous(), values, index, scales, shifts,
+                    layouts, act, exact, save)
 
 
 @mlp_fwd.register_fake
-def _mlp_fwd_fake(x0, tan0, probe, weights, scales, shifts, layouts, act, exact, save, backend,
-                  precision="ieee"):
-    widths = _mlp_widths(x0, weights, layouts)
+def _mlp_fwd_fake(x0, tan0, probe, values, index, scales, shifts, layouts, act, exact, save,
+                  backend, precision="ieee"):
+    widths = _check_program(x0, tan0, probe, values, index, scales, shifts, layouts, act, exact)
     b = x0.shape[1]
     cols = (1 + tan0.shape[0]) * b
     f = x0.new_empty((widths[-1], b))
     div = x0.new_empty((b,))
     saved: list[Tensor] = []
     if save:
-        saved = [x0.new_empty((w, cols)) for w in widths]
-        saved += [x0.new_empty((w, cols)) for w in widths[:-1]]
+        saved = [x0.new_empty((w, cols)) for w in (*widths[1:], *widths[1:-1])]
     return f, div, saved
 
 
 def _mlp_setup(ctx, inputs, output):
     # Some torch versions pass the defaulted precision along, others not.
-    x0, tan0, probe, weights, scales, shifts, layouts, act, exact, save, backend, *rest = inputs
+    (x0, tan0, probe, values, index, scales, shifts, layouts, act, exact, save, backend,
+     *rest) = inputs
     _, _, saved = output
-    ctx.counts = (len(weights), len(scales), len(shifts), len(saved))
-    ctx.save_for_backward(x0, tan0, probe, *weights, *scales, *shifts, *saved)
+    ctx.counts = (len(values), len(index), len(scales), len(shifts))
+    ctx.save_for_backward(x0, tan0, probe, *values, *index, *scales, *shifts, *saved)
     ctx.layouts, ctx.act, ctx.exact, ctx.save, ctx.backend = layouts, act, exact, save, backend
     ctx.precision = rest[0] if rest else "ieee"
 
@@ -342,27 +304,24 @@ def _mlp_backward(ctx, grad_f, grad_div, grad_saved):
             "SparseConfig(tier='generic')"
         )
     x0, tan0, probe, *rest = ctx.saved_tensors
-    n_w, n_s, n_h, _ = ctx.counts
-    weights, rest = rest[:n_w], rest[n_w:]
-    scales, rest = rest[:n_s], rest[n_s:]
-    shifts, saved = rest[:n_h], rest[n_h:]
+    parts = []
+    for n in ctx.counts:
+        parts.append(rest[:n])
+        rest = rest[n:]
+    values, index, scales, shifts = parts
     b = x0.shape[1]
-    d = _mlp_widths(x0, weights, ctx.layouts)[-1]
+    d = decode_program(values, index, ctx.layouts)[-1].n_out
     grad_f = x0.new_zeros((d, b)) if grad_f is None else grad_f
     grad_div = x0.new_zeros((b,)) if grad_div is None else grad_div
-    g_x, g_w, g_s, g_h = mlp_bwd(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts,
-                                 ctx.layouts, ctx.act, ctx.exact, saved, ctx.backend,
+    g_x, g_v, g_s, g_h = mlp_bwd(grad_f, grad_div, x0, tan0, probe, values, index, scales, shifts,
+                                 ctx.layouts, ctx.act, ctx.exact, rest, ctx.backend,
                                  ctx.precision)
-    grad_weights: list[Tensor | None] = []
-    for code, g in zip(ctx.layouts, g_w, strict=True):
-        # Index tensors get no gradient: [W] dense, [5 x idx, vals] CSR, + [3 x idx] blocked.
-        grad_weights += [g] if code == LAYOUT_DENSE else [None] * 5 + [g]
-        if code == LAYOUT_BLOCKED:
-            grad_weights += [None] * 3
+    # values are the only differentiable weight inputs; index tensors get no gradient.
     grad_scales = [g if s.numel() else None for g, s in zip(g_s, scales, strict=True)]
-    grads = (g_x, None, None, grad_weights, grad_scales, list(g_h), None, None, None, None, None)
+    grads = (g_x, None, None, list(g_v), [None] * len(index), grad_scales, list(g_h), None, None,
+             None, None, None)
     # One gradient per argument the call passed: the dispatcher drops precision when it
-    # has its default value, so the op was applied to 11 or 12 arguments.
+    # has its default value, so the op was applied to 12 or 13 arguments.
     return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
@@ -376,7 +335,8 @@ def mlp_bwd(
     x0: Tensor,
     tan0: Tensor,
     probe: Tensor,
-    weights: list[Tensor],
+    values: list[Tensor],
+    index: list[Tensor],
     scales: list[Tensor],
     shifts: list[Tensor],
     layouts: list[int],
@@ -386,23 +346,27 @@ def mlp_bwd(
     backend: str,
     precision: str = "ieee",
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    """Reverse mode of ``mlp_fwd`` (``sparsekern.ref.mlp_bwd_ref``); ``precision`` as there."""
+    """Reverse mode of ``mlp_fwd`` (``sparsekern.ref.mlp_bwd_ref``); ``precision`` as there.
+
+    Returns (g_x0, g_values, g_scales, g_shifts), g_values one per layer, shaped as
+    its values.
+    """
+    if backend not in _SELF_CHECKING:
+        _check_program(x0, tan0, probe, values, index, scales, shifts, layouts, act, exact,
+                       grad_f=grad_f, grad_div=grad_div, saved=saved)
     return _run_mlp("mlp_bwd", backend, x0.device, precision, grad_f.contiguous(),
                     grad_div.contiguous(), x0.contiguous(), tan0.contiguous(), probe.contiguous(),
-                    weights, scales, shifts, layouts, act, exact, saved)
+                    values, index, scales, shifts, layouts, act, exact, saved)
 
 
 @mlp_bwd.register_fake
-def _mlp_bwd_fake(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts, layouts, act,
+def _mlp_bwd_fake(grad_f, grad_div, x0, tan0, probe, values, index, scales, shifts, layouts, act,
                   exact, saved, backend, precision="ieee"):
+    _check_program(x0, tan0, probe, values, index, scales, shifts, layouts, act, exact,
+                   grad_f=grad_f, grad_div=grad_div, saved=saved)
     # The kernels return fresh contiguous tensors, whatever the inputs' strides.
-    g_w = []
-    for layer in split_weights(weights, layouts):
-        like = layer if isinstance(layer, Tensor) else layer[1]
-        g_w.append(like.new_empty(like.shape))
-    g_s = [s.new_empty(s.shape) for s in scales]
-    g_h = [h.new_empty(h.shape) for h in shifts]
-    return x0.new_empty(x0.shape), g_w, g_s, g_h
+    return (x0.new_empty(x0.shape), [v.new_empty(v.shape) for v in values],
+            [s.new_empty(s.shape) for s in scales], [h.new_empty(h.shape) for h in shifts])
 
 
 __all__ = ["BACKENDS", "LAYOUT_BLOCKED", "LAYOUT_CSR", "LAYOUT_DENSE", "mlp_bwd", "mlp_fwd",

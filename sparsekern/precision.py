@@ -22,13 +22,16 @@ overflows past 65504. For float32 models only.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Literal, get_args
+
 import torch
 
-PRECISIONS = ("ieee", "tf32", "bf16", "fp16")
+Precision = Literal["ieee", "tf32", "bf16", "fp16"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 # The reduced precisions and the dtype their product operands are rounded to.
 REDUCED = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Backends with kernels for the reduced precisions ("ref" rounds like they do).
-REDUCED_BACKENDS = ("triton", "ref")
 
 
 def check_precision(precision: str, what: str = "precision") -> None:
@@ -104,3 +107,27 @@ def round_cotangent(t: torch.Tensor, precision: str) -> torch.Tensor:
     """
     low = REDUCED.get(precision)
     return t if low is None else _RoundCotangent.apply(t, low)
+
+
+@contextlib.contextmanager
+def cuda_matmul_precision(device: torch.device, allow_tf32: bool) -> Iterator[None]:
+    """Run torch's dense products on ``device`` with TF32 exactly as requested (default off).
+
+    cuBLAS products (torch.matmul, ``@``) follow a process-wide flag that user
+    code may have switched on; adaptive solvers need exact fp32, so the flag is
+    set for the duration and restored. A no-op off CUDA, when the flag already
+    has the requested value, and while torch.compile traces (it would break the graph).
+    """
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    if before == allow_tf32:
+        yield
+        return
+    matmul.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before

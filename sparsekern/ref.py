@@ -17,6 +17,10 @@ tangents (``exact``) the trace of df/dz.
 With ``precision`` "bf16" or "fp16" both operands of every product (W_l X_{l-1}
 forward, W_l^T Mbar_l and Mbar_l X_{l-1}^T backward) are rounded first
 (``sparsekern.precision.round_operand``); the rest stays in the input dtype.
+
+``mlp_fwd_ref`` / ``mlp_bwd_ref`` are the layer loop of ``sparsekern.program`` over
+``RefPrimitives``, on the layers ``formats.decode_program`` reads from the ops'
+(values, index, layouts).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from __future__ import annotations
 import torch
 
 from sparsekern.activations import act_ref
-from sparsekern.formats import BlockedPattern, CSRPattern, split_weights
+from sparsekern.formats import BlockedPattern, CSRPattern, LayerProgram, decode_program
 from sparsekern.precision import check_precision, round_operand
+from sparsekern.program import Primitives, program_backward, program_forward, stack_columns
 
 
 def spmm_ref(
@@ -80,22 +85,18 @@ def sddmm_ref(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch
     return (a[rows] * b[col.long()]).sum(1)
 
 
-def _layer_matmul(layer, x: torch.Tensor, transpose: bool = False, precision: str = "ieee"
-                  ) -> torch.Tensor:
+def _product(layer: LayerProgram, x: torch.Tensor, transpose: bool, precision: str
+             ) -> torch.Tensor:
+    """W x (W^T x): dense by matmul, csr by ``spmm_ref``, blocked W x from its blocks."""
     x = round_operand(x, precision)
-    if isinstance(layer, torch.Tensor):
-        layer = round_operand(layer, precision)
-        return (layer.t() if transpose else layer) @ x
-    pattern, vals = layer[0], round_operand(layer[1], precision)
-    if len(layer) == 3 and not transpose:  # blocked: W x from the blocks; W^T g by CSR
-        return spmm_blocked_ref(*pattern.tensors(), vals, *layer[2].tensors(), x)
-    return spmm_ref(*pattern.tensors(), vals, x, transpose)
-
-
-def stack_columns(h: torch.Tensor, tangents: torch.Tensor) -> torch.Tensor:
-    """[n, B] and [K, n, B] -> [n, (1+K) B] as [h | v_1 | ... | v_K]."""
-    k, n, b = tangents.shape
-    return torch.cat([h, tangents.permute(1, 0, 2).reshape(n, k * b)], 1)
+    vals = round_operand(layer.values, precision)
+    csr, blocks = layer.csr, layer.blocks
+    if csr is None:
+        return (vals.t() if transpose else vals) @ x
+    if blocks is not None and not transpose:  # blocked: W x from the blocks; W^T g by CSR
+        return spmm_blocked_ref(csr.rowptr, csr.col, csr.rowptr_t, csr.col_t, csr.perm, vals,
+                                blocks.bptr, blocks.bcol, blocks.bslot, x)
+    return spmm_ref(csr.rowptr, csr.col, csr.rowptr_t, csr.col_t, csr.perm, vals, x, transpose)
 
 
 def _probe_cotangent(
@@ -111,11 +112,81 @@ def _probe_cotangent(
     return (probe.permute(1, 0, 2) * grad_div).reshape(d, k * b)
 
 
+class RefPrimitives(Primitives):
+    """The program's primitives in plain PyTorch (``program.program_forward``).
+
+    Args:
+        batch, tangents: B and K. act, exact, precision: as ``mlp_fwd_ref``.
+        probe: [K, d, B] Hutchinson probes. grad_f, grad_div: the backward's cotangents.
+    """
+
+    def __init__(self, batch: int, tangents: int, act: int, exact: bool, precision: str,
+                 probe: torch.Tensor, grad_f: torch.Tensor | None = None,
+                 grad_div: torch.Tensor | None = None) -> None:
+        self.b, self.k, self.act, self.exact = batch, tangents, act, exact
+        self.precision, self.probe = precision, probe
+        self.grad_f, self.grad_div = grad_f, grad_div
+
+    def _affine(self, m: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale * M, a, u): the pre-activations a and the tangents' u."""
+        scaled = m if scale.numel() == 0 else scale[:, None] * m
+        return scaled, scaled[:, :self.b] + shift[:, None], scaled[:, self.b:]
+
+    def product(self, layer, x):
+        return _product(layer, x, False, self.precision)
+
+    def product_t(self, layer, g):
+        return _product(layer, g, True, self.precision)
+
+    def weight_grad(self, layer, mbar, x_in):
+        mbar_r, x_in_r = round_operand(mbar, self.precision), round_operand(x_in, self.precision)
+        if layer.csr is None:
+            return mbar_r @ x_in_r.t()
+        return sddmm_ref(layer.csr.rowptr, layer.csr.col, mbar_r, x_in_r)
+
+    def hidden(self, m, scale, shift, keep_m):
+        _, a, u = self._affine(m, scale, shift)
+        h, d1, _ = act_ref(a, self.act)
+        return torch.cat([h, d1.repeat(1, self.k) * u], 1)
+
+    def head(self, m, scale, shift):
+        _, f, u = self._affine(m, scale, shift)
+        d, k, b = f.shape[0], self.k, self.b
+        v = u.reshape(d, k, b)
+        if k == 0:
+            div = f.new_zeros(b)
+        elif self.exact:
+            div = torch.diagonal(v, dim1=0, dim2=1).sum(-1)
+        else:
+            div = (self.probe.permute(1, 0, 2) * v).sum((0, 1))
+        return f, div
+
+    def epilogue_bwd(self, m, xbar, scale, shift, last):
+        b, k = self.b, self.k
+        if last:
+            assert self.grad_f is not None and self.grad_div is not None, (
+                "the backward's primitives take grad_f and grad_div")
+            d = m.shape[0]
+            g = torch.cat([self.grad_f, _probe_cotangent(self.grad_div, self.probe, self.exact,
+                                                         d, k)], 1)
+        else:
+            _, a, u = self._affine(m, scale, shift)
+            _, d1, d2 = act_ref(a, self.act)
+            hbar, vbar = xbar[:, :b], xbar[:, b:]
+            abar = hbar * d1 + (vbar * u).reshape(m.shape[0], k, b).sum(1) * d2
+            g = torch.cat([abar, vbar * d1.repeat(1, k)], 1)
+        if scale.numel() == 0:
+            return g, scale.new_empty(0), g[:, :b].sum(1)
+        return scale[:, None] * g, (g * m).sum(1), g[:, :b].sum(1)
+
+
 def mlp_fwd_ref(
     x0: torch.Tensor,
     tan0: torch.Tensor,
     probe: torch.Tensor,
-    weights: list[torch.Tensor],
+    values: list[torch.Tensor],
+    index: list[torch.Tensor],
     scales: list[torch.Tensor],
     shifts: list[torch.Tensor],
     layouts: list[int],
@@ -131,7 +202,7 @@ def mlp_fwd_ref(
         x0: [n0, B] state rows the first layer reads.
         tan0: [K, n0, B] tangent rows (K = 0: no divergence).
         probe: [K, d, B] probes for the Hutchinson contraction; ignored if exact.
-        weights, layouts: the layers (``formats.split_weights``); layer l maps
+        values, index, layouts: the layers (``formats.decode_program``); layer l maps
             n_{l-1} to n_l features, the last one to d.
         scales: per layer a [n_l] gate, or an empty tensor for none.
         shifts: per layer a [n_l] additive term (bias and time terms).
@@ -145,34 +216,10 @@ def mlp_fwd_ref(
         f [d, B], div [B], saved (empty unless ``save``).
     """
     check_precision(precision)
-    layers = split_weights(weights, layouts)
-    b = x0.shape[1]
-    k = tan0.shape[0]
-    x = stack_columns(x0, tan0)
-    saved_m, saved_x = [], []
-    for i, layer in enumerate(layers):
-        m = _layer_matmul(layer, x, precision=precision)
-        s = scales[i]
-        scaled = m if s.numel() == 0 else s[:, None] * m
-        a = scaled[:, :b] + shifts[i][:, None]
-        u = scaled[:, b:]
-        if i + 1 < len(layers):
-            h, d1, _ = act_ref(a, act)
-            x = torch.cat([h, d1.repeat(1, k) * u], 1)
-            saved_x.append(x)
-        else:
-            x = torch.cat([a, u], 1)
-        saved_m.append(m)
-    f = x[:, :b].contiguous()
-    d = f.shape[0]
-    v = x[:, b:].reshape(d, k, b)
-    if k == 0:
-        div = f.new_zeros(b)
-    elif exact:
-        div = torch.diagonal(v, dim1=0, dim2=1).sum(-1)
-    else:
-        div = (probe.permute(1, 0, 2) * v).sum((0, 1))
-    saved = saved_m + saved_x if save else []
+    layers = decode_program(values, index, layouts)
+    prims = RefPrimitives(x0.shape[1], tan0.shape[0], act, exact, precision, probe)
+    (f, div), saved = program_forward(prims, layers, stack_columns(x0, tan0), scales, shifts,
+                                      save)
     return f, div, saved
 
 
@@ -182,7 +229,8 @@ def mlp_bwd_ref(
     x0: torch.Tensor,
     tan0: torch.Tensor,
     probe: torch.Tensor,
-    weights: list[torch.Tensor],
+    values: list[torch.Tensor],
+    index: list[torch.Tensor],
     scales: list[torch.Tensor],
     shifts: list[torch.Tensor],
     layouts: list[int],
@@ -200,48 +248,12 @@ def mlp_bwd_ref(
         Others as in ``mlp_fwd_ref``.
 
     Returns:
-        grad_x0 [n0, B]; per layer the weight gradient ([n_l, n_{l-1}] for a
-        dense layer, [nnz] at the kept places for a CSR one), the scale
+        grad_x0 [n0, B]; per layer the gradient of its values ([n_l, n_{l-1}] for a
+        dense layer, [nnz] at the kept places for a csr or blocked one), the scale
         gradient (empty where there is no scale) and the shift gradient [n_l].
     """
     check_precision(precision)
-    layers = split_weights(weights, layouts)
-    n_layers = len(layers)
+    layers = decode_program(values, index, layouts)
     b = x0.shape[1]
-    k = tan0.shape[0]
-    d = grad_f.shape[0]
-    saved_m, saved_x = saved[:n_layers], saved[n_layers:]
-    xbar = torch.cat([grad_f, _probe_cotangent(grad_div, probe, exact, d, k)], 1)
-    g_w: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
-    g_scale: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
-    g_shift: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
-    for i in reversed(range(n_layers)):
-        m = saved_m[i]
-        s = scales[i]
-        x_in = stack_columns(x0, tan0) if i == 0 else saved_x[i - 1]
-        if i + 1 < n_layers:
-            scaled = m if s.numel() == 0 else s[:, None] * m
-            a = scaled[:, :b] + shifts[i][:, None]
-            _, d1, d2 = act_ref(a, act)
-            hbar, vbar = xbar[:, :b], xbar[:, b:]
-            u = scaled[:, b:]
-            abar = hbar * d1 + (vbar * u).reshape(m.shape[0], k, b).sum(1) * d2
-            g = torch.cat([abar, vbar * d1.repeat(1, k)], 1)
-        else:
-            g = xbar
-        g_shift[i] = g[:, :b].sum(1)
-        if s.numel() == 0:
-            g_scale[i] = s.new_empty(0)
-            mbar = g
-        else:
-            g_scale[i] = (g * m).sum(1)
-            mbar = s[:, None] * g
-        layer = layers[i]
-        mbar_r, x_in_r = round_operand(mbar, precision), round_operand(x_in, precision)
-        if isinstance(layer, torch.Tensor):
-            g_w[i] = mbar_r @ x_in_r.t()
-        else:
-            g_w[i] = sddmm_ref(layer[0].rowptr, layer[0].col, mbar_r, x_in_r)
-        # The first layer's tangent inputs are constants: only the state part.
-        xbar = _layer_matmul(layer, mbar[:, :b] if i == 0 else mbar, True, precision)
-    return xbar, g_w, g_scale, g_shift
+    prims = RefPrimitives(b, tan0.shape[0], act, exact, precision, probe, grad_f, grad_div)
+    return program_backward(prims, layers, stack_columns(x0, tan0), saved, scales, shifts, b)

@@ -19,11 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-from sparsekern import SparseConfig, compile_sparse, field, ops
+from sparsekern import SparseConfig, autotune, backends, compile_sparse, field, ops
 from sparsekern.activations import ACT_IDS
-from sparsekern.config import BACKEND_CHOICES, cuda_matmul_precision
+from sparsekern.config import BACKEND_CHOICES
 from sparsekern.formats import LAYOUT_DENSE
 from sparsekern.masks import CompileError
+from sparsekern.precision import cuda_matmul_precision
 from sparsekern.ref import mlp_bwd_ref, mlp_fwd_ref
 
 
@@ -31,13 +32,13 @@ from sparsekern.ref import mlp_bwd_ref, mlp_fwd_ref
 def fresh_selection(monkeypatch):
     """No cached rule or measurement leaks into or out of a test; no env override."""
     monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
-    field._auto_backend.cache_clear()
-    saved = dict(field._measured)
-    field._measured.clear()
+    backends.clear_cache()
+    saved = dict(autotune.MEASURED)
+    autotune.MEASURED.clear()
     yield
-    field._auto_backend.cache_clear()
-    field._measured.clear()
-    field._measured.update(saved)
+    backends.clear_cache()
+    autotune.MEASURED.clear()
+    autotune.MEASURED.update(saved)
 
 
 def _mock_availability(monkeypatch, *, triton: bool, cuda_built: bool, cpu: bool = True) -> None:
@@ -73,30 +74,30 @@ def test_auto_on_cuda_takes_the_first_available_gpu_backend(monkeypatch, triton,
     _mock_availability(monkeypatch, triton=triton, cuda_built=cuda_built)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert field.resolve_backend("auto", torch.device("cuda")) == expected
-    assert field.gpu_backends() == [b for b, ok in (("triton", triton), ("cuda", cuda_built))
+        assert backends.resolve("auto", torch.device("cuda")) == expected
+    assert backends.candidates("cuda") == [b for b, ok in (("triton", triton), ("cuda", cuda_built))
                                     if ok]
 
 
 def test_auto_on_cuda_without_gpu_backends_falls_back_to_ref_with_a_warning(monkeypatch):
     _mock_availability(monkeypatch, triton=False, cuda_built=False)
-    with pytest.warns(UserWarning, match="no GPU backend for precision='ieee' is available"):
-        assert field.resolve_backend("auto", torch.device("cuda")) == "ref"
+    with pytest.warns(UserWarning, match="no GPU backend for precision='ieee' is ready"):
+        assert backends.resolve("auto", torch.device("cuda")) == "ref"
 
 
 def test_auto_on_cpu_is_the_cpu_extension_or_ref_with_a_warning(monkeypatch):
     _mock_availability(monkeypatch, triton=True, cuda_built=True, cpu=True)
-    assert field.resolve_backend("auto", torch.device("cpu")) == "cpu"
-    field._auto_backend.cache_clear()
+    assert backends.resolve("auto", torch.device("cpu")) == "cpu"
+    backends.clear_cache()
     _mock_availability(monkeypatch, triton=True, cuda_built=True, cpu=False)
     with pytest.warns(UserWarning, match="C\\+\\+ CPU kernels could not be built"):
-        assert field.resolve_backend("auto", torch.device("cpu")) == "ref"
+        assert backends.resolve("auto", torch.device("cpu")) == "ref"
 
 
 def test_forced_backends_are_taken_as_given(monkeypatch):
     _mock_availability(monkeypatch, triton=False, cuda_built=False)
     for choice in ("ref", "cpu", "triton", "cuda"):
-        assert field.resolve_backend(choice, torch.device("cuda")) == choice
+        assert backends.resolve(choice, torch.device("cuda")) == choice
 
 
 def test_auto_never_builds_the_cuda_extension(monkeypatch):
@@ -107,7 +108,7 @@ def test_auto_never_builds_the_cuda_extension(monkeypatch):
 
     monkeypatch.setattr(cuda_backend, "extension", no_build)
     monkeypatch.setattr(cuda_backend, "is_built", lambda: False)
-    assert "cuda" not in field.gpu_backends()
+    assert "cuda" not in backends.candidates("cuda")
 
 
 def test_cuda_is_built_is_false_without_a_cuda_torch():
@@ -154,8 +155,9 @@ class _Timed(field.CompiledField):
 @pytest.fixture
 def measured_on_cpu(monkeypatch):
     """Measure on CPU tensors too, with two GPU backends "available"."""
-    monkeypatch.setattr(field, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(field, "gpu_backends", lambda precision="ieee": ["triton", "cuda"])
+    monkeypatch.setattr(backends, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(backends, "candidates",
+                        lambda device_type, precision="ieee": ["triton", "cuda"])
 
 
 def test_measured_choice_takes_the_fastest_once_and_caches_it(measured_on_cpu):
@@ -180,7 +182,8 @@ def test_no_measurement_keeps_the_deterministic_rule(measured_on_cpu, monkeypatc
     config = SparseConfig(backend="ref" if why == "forced" else "auto", batch_hint=4,
                           autotune=why != "autotune off")
     if why == "one candidate":
-        monkeypatch.setattr(field, "gpu_backends", lambda precision="ieee": ["triton"])
+        monkeypatch.setattr(backends, "candidates",
+                            lambda device_type, precision="ieee": ["triton"])
     f = _Timed(config, {"triton": 0.004, "cuda": 0.0})
     before = f.backend
     assert f.select_backend() == before and f.calls == []
@@ -188,25 +191,26 @@ def test_no_measurement_keeps_the_deterministic_rule(measured_on_cpu, monkeypatc
 
 def test_a_fused_field_measures_its_own_program(measured_on_cpu, monkeypatch):
     # "cpu" and "ref" stand in for the GPU backends: both run on CPU tensors.
-    monkeypatch.setattr(field, "gpu_backends", lambda precision="ieee": ["ref", "cpu"])
+    monkeypatch.setattr(backends, "candidates",
+                        lambda device_type, precision="ieee": ["ref", "cpu"])
     net = _mlp()
     fast = compile_sparse(net, SparseConfig(batch_hint=16))
     assert fast.tier == "fused" and fast.backend in ("ref", "cpu")
-    assert len(field._measured) == 1
-    key = next(iter(field._measured))
-    assert key[2] == ("ref", "cpu") and key[3] == 16
+    assert len(autotune.MEASURED) == 1
+    key = next(iter(autotune.MEASURED))
+    assert key[0] == "backend" and key[3] == ("ref", "cpu") and key[4] == 16
     z = torch.randn(5, 3)
     torch.testing.assert_close(fast(z), net(z), rtol=1e-5, atol=1e-6)
     # Same structure: the cached choice, no second measurement entry.
     again = compile_sparse(net, SparseConfig(batch_hint=16))
-    assert again.backend == fast.backend and len(field._measured) == 1
+    assert again.backend == fast.backend and len(autotune.MEASURED) == 1
 
 
 def test_moving_a_field_reselects_its_backend(monkeypatch):
     _mock_availability(monkeypatch, triton=True, cuda_built=True, cpu=True)
     fast = compile_sparse(_mlp(), SparseConfig(layout="dense"))
     assert fast.backend == "cpu"
-    field._auto_backend.cache_clear()
+    backends.clear_cache()
     _mock_availability(monkeypatch, triton=True, cuda_built=True, cpu=False)
     with pytest.warns(UserWarning, match="could not be built"):
         fast.double()  # a conversion re-resolves "auto" for the (new) dtype and device
@@ -252,7 +256,9 @@ def _program(dtype=torch.float32):
     x0 = torch.randn(3, 5, generator=gen).to(dtype)
     tan0 = torch.randn(1, 3, 5, generator=gen).to(dtype)
     probe = torch.randn(1, 3, 5, generator=gen).to(dtype)
-    return [x0, tan0, probe, weights, scales, shifts, [LAYOUT_DENSE] * 2, ACT_IDS["tanh"], False]
+    # Dense layers: one value tensor each, no index tensors.
+    return [x0, tan0, probe, weights, [], scales, shifts, [LAYOUT_DENSE] * 2, ACT_IDS["tanh"],
+            False]
 
 
 @pytest.fixture
@@ -267,7 +273,7 @@ def recorded(monkeypatch):
             return refs[name](*args, precision=kwargs.get("precision", "ieee"))
         return run
 
-    monkeypatch.setattr(ops, "_kernel", kernel)
+    monkeypatch.setattr(ops, "kernel", kernel)
     return calls
 
 
@@ -427,12 +433,12 @@ def test_reduced_precision_on_an_exact_only_backend_is_refused_in_the_config(bac
 @pytest.mark.parametrize("precision", ("bf16", "fp16"))
 def test_auto_for_reduced_precision_on_cuda_is_triton_only(monkeypatch, precision):
     _mock_availability(monkeypatch, triton=True, cuda_built=True)
-    assert field.gpu_backends(precision) == ["triton"]
-    assert field.resolve_backend("auto", torch.device("cuda"), precision) == "triton"
-    field._auto_backend.cache_clear()
+    assert backends.candidates("cuda", precision) == ["triton"]
+    assert backends.resolve("auto", torch.device("cuda"), precision) == "triton"
+    backends.clear_cache()
     _mock_availability(monkeypatch, triton=False, cuda_built=True)
     with pytest.warns(UserWarning, match=rf"no GPU backend for precision='{precision}'"):
-        assert field.resolve_backend("auto", torch.device("cuda"), precision) == "ref"
+        assert backends.resolve("auto", torch.device("cuda"), precision) == "ref"
 
 
 def test_auto_for_reduced_precision_on_cpu_is_ref_with_a_warning(monkeypatch):

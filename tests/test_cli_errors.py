@@ -234,8 +234,9 @@ def test_missing_config_file_or_a_directory(tmp_path, capsys):
 
 
 def test_every_preset_satisfies_the_schema_and_the_schema_covers_every_key():
-    from flows.pipeline import RUN_DEFAULTS, build_config
+    from flows.pipeline import build_config
     from flows.presets import PRESETS
+    from flows.run_config import RUN_DEFAULTS
     from flows.settings import SCHEMA
 
     for name in PRESETS:
@@ -249,7 +250,10 @@ def test_every_preset_satisfies_the_schema_and_the_schema_covers_every_key():
 
 
 def test_the_python_api_rejects_bad_settings_too():
-    from flows.pipeline import build_config, copy_config
+    import dataclasses
+
+    from flows.pipeline import build_config
+    from flows.run_config import RunConfig
     from flows.settings import SettingError
 
     with pytest.raises(SettingError, match=r"train\.lr='abc'"):
@@ -257,7 +261,8 @@ def test_the_python_api_rejects_bad_settings_too():
     with pytest.raises(ValueError, match=r"model\.hidden"):
         build_config("gaussians", {"model": {"hidden": [8, -1]}})
     with pytest.raises(ValueError, match=r"run\.cycles"):
-        copy_config(build_config("gaussians"), cycles=1.5)
+        checked = RunConfig.from_dict(build_config("gaussians"))
+        dataclasses.replace(checked, run=dataclasses.replace(checked.run, cycles=1.5))
     config = build_config("gaussians", {"train": {"lr": 1}})  # ints are numbers
     assert config["train"]["lr"] == 1
 

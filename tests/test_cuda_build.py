@@ -1,10 +1,13 @@
 """The CUDA sources build for sm_80 and sm_90 without a GPU; on a GPU, both GPU backends match ref.
 
 Without a GPU: every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 and
-carries both SASS images, the C ABI of sparsekern_cuda.h is exported unmangled,
-the torch binding compiles against torch's headers, and CMakeLists.txt builds
-the standalone library. With a GPU (``TestOnGpu``): the "triton" and "cuda"
-backends, through ``sparsekern.ops`` on CUDA tensors, against backend="ref".
+carries both SASS images, the C ABI of sparsekern_cuda.h (one entry per
+operation, an sk_dtype argument) is exported unmangled, the torch binding
+compiles against torch's headers, and CMakeLists.txt builds what the package
+builds: the CUDA kernels here, and (slow) the CPU torch extension, which is then
+imported and run; the CUDA extension itself needs a CUDA torch. With a GPU
+(``TestOnGpu``): the "triton" and "cuda" backends, through ``sparsekern.ops`` on
+CUDA tensors, against backend="ref".
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from sparsekern.formats import LAYOUT_BLOCKED, LAYOUT_CSR, LAYOUT_DENSE, Blocked
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc" / "cuda"
+COMMON = ROOT / "csrc" / "common"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
 ARCHS = (80, 90)
 
@@ -122,8 +127,14 @@ def test_cu_file_compiles_for_sm80_and_sm90(objects, name):
 def test_c_abi_is_exported_unmangled(objects):
     nm = shutil.which("nm")
     assert nm, "binutils' nm is needed (it comes with the C++ toolchain)"
-    declared = set(re.findall(r"\b(sk_\w+)\(", (CSRC / "sparsekern_cuda.h").read_text()))
-    assert {"sk_csr_spmm_f32", "sk_csr_sddmm_f64", "sk_fused_mlp_fwd_f32"} <= declared
+    header = (CSRC / "sparsekern_cuda.h").read_text()
+    declared = set(re.findall(r"\b(sk_\w+)\(", header))
+    assert {"sk_csr_spmm", "sk_blocked_spmm", "sk_csr_sddmm", "sk_mlp_epilogue_fwd",
+            "sk_mlp_head_fwd", "sk_mlp_epilogue_bwd", "sk_fused_mlp_fwd"} <= declared
+    # One entry per operation: the element type is an argument, not a second symbol.
+    assert not {n for n in declared if re.search(r"_f(32|64)$", n)}, sorted(declared)
+    for name in declared - {"sk_error_string"}:
+        assert re.search(rf"\b{name}\(sk_dtype dtype,", header), name
     exported = set()
     for proc, obj in objects.values():
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -156,6 +167,9 @@ def test_torch_binding_compiles_against_torch_headers(tmp_path):
     macros.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [f"-I{p}" for p in (stub, *torch_inc, home / "include", CSRC,
                                    sysconfig.get_paths()["include"])]
+    # The common headers (the program decode and the layer loops) are ours too.
+    own_files = "|".join(re.escape(p.name) for p in
+                         (CSRC / "binding.cpp", CSRC / "sparsekern_cuda.h", *COMMON.glob("*.h")))
     proc = subprocess.run(
         [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-DTORCH_EXTENSION_NAME=sk_check",
          *includes, str(CSRC / "binding.cpp")],
@@ -163,20 +177,36 @@ def test_torch_binding_compiles_against_torch_headers(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     own = [line for line in proc.stderr.splitlines()
-           if re.match(r".*(binding\.cpp|sparsekern_cuda\.h):\d+:\d+: (warning|error)", line)]
+           if re.match(rf".*({own_files}):\d+:\d+: (warning|error)", line)]
     assert not own, "\n".join(own)
 
 
-def test_cmake_builds_the_standalone_library(tmp_path, nvcc):
+@pytest.fixture(scope="module")
+def cmake_build(tmp_path_factory, nvcc) -> tuple[str, Path, dict[str, str]]:
+    """CMakeLists.txt configured once (cmake, build folder, environment); nothing built yet."""
     cmake = shutil.which("cmake")
     if cmake is None:
         missing_tool("cmake was not found")
     env = dict(os.environ, CUDACXX=nvcc)
-    build = tmp_path / "build"
-    for cmd in ([cmake, "-S", str(ROOT), "-B", str(build)], [cmake, "--build", str(build), "-j2"]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lib = build / "libsparsekern_cuda.so"
+    build = tmp_path_factory.mktemp("cmake") / "build"
+    proc = subprocess.run([cmake, "-S", str(ROOT), "-B", str(build),
+                           f"-DPython3_EXECUTABLE={sys.executable}"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return cmake, build, env
+
+
+def _cmake_target(cmake_build, target: str) -> Path:
+    cmake, build, env = cmake_build
+    proc = subprocess.run([cmake, "--build", str(build), "-j2", "--target", target],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return build
+
+
+def test_cmake_builds_the_cuda_kernels(cmake_build):
+    build = _cmake_target(cmake_build, "sparsekern_cuda_kernels")
+    lib = build / "libsparsekern_cuda_kernels.a"
     assert lib.exists()
     cuobjdump = _cuobjdump()
     if cuobjdump is not None:
@@ -185,6 +215,34 @@ def test_cmake_builds_the_standalone_library(tmp_path, nvcc):
         for name in CU_FILES:
             for arch in ARCHS:
                 assert f"{Path(name).stem}.sm_{arch}.cubin" in listing, listing
+
+
+@pytest.mark.slow
+def test_cmake_builds_the_cpu_extension_the_package_builds(cmake_build):
+    """The CPU torch extension from CMakeLists.txt imports and runs the fused program.
+
+    Only the CPU target (about two minutes on two cores); the CUDA extension
+    target needs a CUDA build of torch, which the GPU checks have.
+    """
+    import importlib.util
+
+    build = _cmake_target(cmake_build, "sparsekern_cpu")
+    (so,) = build.glob("sparsekern_cpu*.so")
+    spec = importlib.util.spec_from_file_location("sparsekern_cpu", so)
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    gen = torch.Generator().manual_seed(0)
+    w0, w1 = (torch.randn(5, 3, generator=gen, dtype=torch.float64),
+              torch.randn(3, 5, generator=gen, dtype=torch.float64))
+    b0, b1 = torch.randn(5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    x0 = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    none = torch.empty(0, dtype=torch.float64)
+    f, div, _ = ext.mlp_fwd(x0, torch.empty(0, 3, 4, dtype=torch.float64), none, [w0, w1], [],
+                            [none, none], [b0, b1], [LAYOUT_DENSE, LAYOUT_DENSE], ACT_IDS["tanh"],
+                            False, False)
+    want = w1 @ torch.tanh(w0 @ x0 + b0[:, None]) + b1[:, None]
+    assert torch.allclose(f, want, rtol=1e-12, atol=1e-12)
+    assert div.shape == (4,) and not div.any()
 
 
 def test_cuda_backend_without_cuda_torch_says_why():
@@ -210,22 +268,23 @@ def _pattern(rows: int, cols: int, density: float, seed: int) -> CSRPattern:
 
 
 def _program(widths, layouts, density, mode, b, act, dtype, seed=0):
-    """Arguments of ops.mlp_fwd (up to ``exact``) on the CPU."""
+    """Arguments of ops.mlp_fwd (up to ``exact``) on the CPU: (values, index, layouts)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
-    weights, scales, shifts = [], [], []
+    values, index, scales, shifts = [], [], [], []
     for i, code in enumerate(layouts):
         w = rnd(widths[i + 1], widths[i]) / widths[i] ** 0.5
         if code in (LAYOUT_CSR, LAYOUT_BLOCKED):
             p = _pattern(widths[i + 1], widths[i], density, seed + i)
-            weights += [*p.tensors(), w[p.mask()]]
+            values.append(w[p.mask()])
+            index += p.tensors()
             if code == LAYOUT_BLOCKED:
-                weights += BlockedPattern.from_csr(p).tensors()
+                index += BlockedPattern.from_csr(p).tensors()
         else:
-            weights.append(w)
+            values.append(w)
         scales.append(rnd(widths[i + 1]) if i % 2 == 0 else torch.empty(0, dtype=dtype))
         shifts.append(rnd(widths[i + 1]))
     d = widths[-1]
@@ -233,7 +292,7 @@ def _program(widths, layouts, density, mode, b, act, dtype, seed=0):
     k = {"exact": d, "hutchinson": 1, "none": 0}[mode]
     tan0 = rnd(k, widths[0], b)
     probe = rnd(k, d, b) if mode == "hutchinson" else torch.empty(0, dtype=dtype)
-    return [x0, tan0, probe, weights, scales, shifts, list(layouts), ACT_IDS[act],
+    return [x0, tan0, probe, values, index, scales, shifts, list(layouts), ACT_IDS[act],
             mode == "exact"]
 
 

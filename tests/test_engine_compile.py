@@ -29,7 +29,6 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from flows import CNF, ODEClassifier, ODEnet, SequentialFlow
-from flows.divergence import divergence_exact, divergence_hutchinson
 from flows.odefunc import ODEFunc
 from flows.prune import apply_masks_, ensure_masks, prune_structured_, prune_unstructured_
 from sparsekern import (
@@ -41,7 +40,8 @@ from sparsekern import (
     compiled_fields,
     write_back,
 )
-from sparsekern.cost import choose_layout, measure_layouts
+from sparsekern.autotune import choose_layout, measure_layouts
+from sparsekern.divergence import divergence_exact, divergence_hutchinson
 from sparsekern.field import call_arity
 from sparsekern.generic import detached_copy
 

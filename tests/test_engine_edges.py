@@ -32,11 +32,11 @@ from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from flows import CNF, ODEnet
-from flows.divergence import divergence_exact, divergence_hutchinson
 from flows.odefunc import ODEFunc
 from flows.prune import apply_masks_, ensure_masks, prunable_layers
 from sparsekern import CompileError, SparseConfig, compile_sparse
 from sparsekern import ops as registry
+from sparsekern.divergence import divergence_exact, divergence_hutchinson
 from sparsekern.field import call_arity
 from sparsekern.formats import LAYOUT_BLOCKED, LAYOUT_CSR, LAYOUT_DENSE, BlockedPattern, CSRPattern
 from sparsekern.ref import mlp_bwd_ref, mlp_fwd_ref
@@ -414,27 +414,28 @@ def check_sparse_ops_at_batch(backend: str, batch: int) -> None:
 
 
 def _mlp_program(widths: tuple[int, ...], layouts: list[int], seed: int):
-    """weights, scales, shifts of a random program (a CSR/blocked layer: 60% kept)."""
+    """values, index, scales, shifts of a random program (a CSR/blocked layer: 60% kept)."""
     gen = torch.Generator().manual_seed(seed)
-    weights, scales, shifts = [], [], []
+    values, index, scales, shifts = [], [], [], []
     for i, code in enumerate(layouts):
         n_out, n_in = widths[i + 1], widths[i]
         if code == LAYOUT_DENSE:
-            weights.append(torch.randn(n_out, n_in, generator=gen, dtype=DTYPE).to(DEVICE))
+            values.append(torch.randn(n_out, n_in, generator=gen, dtype=DTYPE).to(DEVICE))
         else:
             mask = torch.rand(n_out, n_in, generator=gen) < 0.6
             p = CSRPattern.from_mask(mask)
             vals = torch.randn(p.nnz, generator=gen, dtype=DTYPE)
-            weights += [t.to(DEVICE) for t in (*p.tensors(), vals)]
+            values.append(vals.to(DEVICE))
+            index += [t.to(DEVICE) for t in p.tensors()]
             if code == LAYOUT_BLOCKED:
-                weights += [t.to(DEVICE) for t in BlockedPattern.from_csr(p).tensors()]
+                index += [t.to(DEVICE) for t in BlockedPattern.from_csr(p).tensors()]
         # Odd layers have a scale (a concatsquash gate), even ones none (an empty tensor).
         if i % 2:
             scales.append((torch.rand(n_out, generator=gen, dtype=DTYPE) + 0.5).to(DEVICE))
         else:
             scales.append(torch.empty(0, dtype=DTYPE, device=DEVICE))
         shifts.append(torch.randn(n_out, generator=gen, dtype=DTYPE).to(DEVICE))
-    return weights, scales, shifts
+    return values, index, scales, shifts
 
 
 # Programs: widths n0..nL and a layout per layer; zero widths are what neuron reduction
@@ -453,7 +454,7 @@ def check_mlp_ops_at_batch(backend: str, batch: int, programs=PROGRAMS) -> None:
     """mlp_fwd (no tangent, Hutchinson, exact; saving or not) and mlp_bwd against the
     references, with a state whose transpose has stride(1) != 1 at batch 1."""
     for widths, layouts in programs:
-        weights, scales, shifts = _mlp_program(widths, layouts, seed=sum(widths) + batch)
+        values, index, scales, shifts = _mlp_program(widths, layouts, seed=sum(widths) + batch)
         n0, d = widths[0], widths[-1]
         x0 = _strided_state(batch, n0, 5)
         for mode in ("none", "hutchinson", "exact"):
@@ -467,7 +468,7 @@ def check_mlp_ops_at_batch(backend: str, batch: int, programs=PROGRAMS) -> None:
                 eye = torch.eye(d, dtype=DTYPE, device=DEVICE)[:, :n0]
                 tan0, probe, exact = eye[:, :, None].expand(d, n0, batch), x0.new_empty(0), True
             what = f"{backend} {widths} {layouts} {mode} B={batch}"
-            args = (x0, tan0, probe, weights, scales, shifts, layouts, 1, exact)
+            args = (x0, tan0, probe, values, index, scales, shifts, layouts, 1, exact)
             ref = mlp_fwd_ref(*[a.contiguous() if isinstance(a, torch.Tensor) else a
                                 for a in args], True)
             for save in (False, True):
@@ -481,9 +482,9 @@ def check_mlp_ops_at_batch(backend: str, batch: int, programs=PROGRAMS) -> None:
             gen = torch.Generator().manual_seed(8)
             grad_f = torch.randn(batch, d, generator=gen, dtype=DTYPE).to(DEVICE).t()
             grad_div = torch.randn(batch, generator=gen, dtype=DTYPE).to(DEVICE)
-            got = registry.mlp_bwd(grad_f, grad_div, *args[:8], exact, saved, backend)
+            got = registry.mlp_bwd(grad_f, grad_div, *args[:9], exact, saved, backend)
             want = mlp_bwd_ref(grad_f.contiguous(), grad_div, *[
-                a.contiguous() if isinstance(a, torch.Tensor) else a for a in args[:8]],
+                a.contiguous() if isinstance(a, torch.Tensor) else a for a in args[:9]],
                 exact, ref[2])
             assert rel_err(got[0], want[0]) <= F64_TOL, f"{what}: grad x0"
             assert got[0].shape == (n0, batch), what

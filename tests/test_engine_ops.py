@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from sparsekern import ops
 from sparsekern.activations import ACT_FNS, ACT_IDS, act_ref
+from sparsekern.backends import REDUCED_BACKENDS
 from sparsekern.formats import (
     BLOCK_ROWS,
     LAYOUT_BLOCKED,
@@ -29,9 +30,12 @@ from sparsekern.formats import (
     LAYOUT_DENSE,
     BlockedPattern,
     CSRPattern,
-    split_weights,
+    LayerProgram,
+    ProgramError,
+    ProgramTypeError,
+    decode_program,
+    encode_program,
 )
-from sparsekern.precision import REDUCED_BACKENDS
 from sparsekern.ref import mlp_bwd_ref, mlp_fwd_ref
 
 DTYPES = (torch.float32, torch.float64)
@@ -102,12 +106,40 @@ def test_csr_validate_rejects_inconsistent_patterns():
         CSRPattern.from_mask(torch.ones(3, dtype=torch.bool))
 
 
-def test_split_weights_names_the_broken_layer():
+def test_decode_program_reads_one_record_per_layer_and_back():
+    p = CSRPattern.from_mask(torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool))
+    b = BlockedPattern.from_csr(p)
+    w, vals = torch.randn(2, 3), torch.randn(p.nnz)
+    values, index = [w, vals, vals], [*p.tensors(), *p.tensors(), *b.tensors()]
+    layouts = [LAYOUT_DENSE, LAYOUT_CSR, LAYOUT_BLOCKED]
+    layers = decode_program(values, index, layouts)
+    assert [layer.layout for layer in layers] == ["dense", "csr", "blocked"]
+    assert layers[0].csr is None and layers[0].shape == (2, 3) and layers[0].index() == []
+    assert layers[1].csr.shape == (2, 3) and layers[1].blocks is None
+    assert len(layers[1].index()) == 5 and len(layers[2].index()) == 8
+    assert all(a is c for a, c in zip(layers[2].index(), index[5:], strict=True))
+    assert layers[2].values is vals and layers[2].blocks.bslot is b.bslot
+    back = encode_program(layers)
+    assert back[2] == layouts and all(a is c for a, c in zip(back[0], values, strict=True))
+    assert all(a is c for a, c in zip(back[1], index, strict=True))
+
+
+def test_decode_program_names_what_does_not_fit():
+    p = CSRPattern.from_mask(torch.ones(2, 2, dtype=torch.bool))
     w = torch.zeros(2, 2)
-    with pytest.raises(ValueError, match="layer 1"):
-        split_weights([w, w], [LAYOUT_DENSE, LAYOUT_CSR])
-    with pytest.raises(ValueError, match="beyond the last layer"):
-        split_weights([w, w], [LAYOUT_DENSE])
+    with pytest.raises(ValueError, match=r"layer 1 has unknown layout code 3 \(0 dense, 1 csr"):
+        decode_program([w, w], [], [LAYOUT_DENSE, 3])
+    with pytest.raises(ProgramError, match="2 value tensors for 1 layers"):
+        decode_program([w, w], [], [LAYOUT_DENSE])
+    with pytest.raises(ValueError, match=r"4 index tensors for layouts \[0, 1\], expected 5 "
+                                         r"\(0 per dense, 5 per csr, 8 per blocked layer\)"):
+        decode_program([w, w.flatten()], p.tensors()[:4], [LAYOUT_DENSE, LAYOUT_CSR])
+    with pytest.raises(ValueError, match="expected 8"):
+        decode_program([w.flatten()], p.tensors(), [LAYOUT_BLOCKED])
+    with pytest.raises(ValueError, match="a csr layer takes a CSR pattern only"):
+        LayerProgram("csr", w)
+    with pytest.raises(ValueError, match="unknown layout 'coo'"):
+        LayerProgram("coo", w)
 
 
 # ------------------------------------------------------------------------ spmm, sddmm
@@ -220,28 +252,29 @@ def test_cpu_backend_rejects_bad_inputs_with_clear_errors():
 
 
 def _program(widths, density, dtype, layouts, scaled, seed=0, device=DEVICE):
-    """Random masked layers as (dense masked matrices, op weights list, scales, shifts).
+    """Random masked layers as (dense masked matrices, op values, op index, scales, shifts).
 
     The numbers are drawn in float64 and cast, so every dtype gets the same values."""
     gen = torch.Generator().manual_seed(seed)
-    dense, weights, scales, shifts = [], [], [], []
+    dense, values, index, scales, shifts = [], [], [], [], []
     for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
         mask = random_mask(n_out, n_in, density, gen, empty_row=0, empty_col=0).to(device)
         w = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) / n_in**0.5
         w = w.to(device, dtype) * mask
         dense.append(w)
         if layouts[i] == LAYOUT_DENSE:
-            weights.append(w)
+            values.append(w)
         else:
             p = CSRPattern.from_mask(mask)
-            weights += [*p.tensors(), w[mask]]
+            values.append(w[mask])
+            index += p.tensors()
             if layouts[i] == LAYOUT_BLOCKED:
-                weights += BlockedPattern.from_csr(p).tensors()
+                index += BlockedPattern.from_csr(p).tensors()
         s = (torch.rand(n_out, generator=gen, dtype=torch.float64) + 0.5).to(device, dtype)
         empty = torch.empty(0, dtype=dtype, device=device)
         scales.append(s if scaled and i % 2 == 0 else empty)
         shifts.append(torch.randn(n_out, generator=gen, dtype=torch.float64).to(device, dtype))
-    return dense, weights, scales, shifts
+    return dense, values, index, scales, shifts
 
 
 def _autograd_program(z, tangents, dense, scales, shifts, act, exact):
@@ -270,8 +303,8 @@ def test_reference_program_matches_autograd(act, mode):
     d, b = 3, 11
     widths = (d, 37, 1, 59, d)
     layouts = [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_CSR, LAYOUT_DENSE]
-    dense, weights, scales, shifts = _program(widths, 0.5, dtype, layouts, scaled=True,
-                                              device="cpu")
+    dense, values, index, scales, shifts = _program(widths, 0.5, dtype, layouts, scaled=True,
+                                                    device="cpu")
     gen = torch.Generator().manual_seed(1)
     z = torch.randn(b, d, generator=gen, dtype=dtype)
     if mode == "exact":
@@ -282,11 +315,11 @@ def test_reference_program_matches_autograd(act, mode):
     params = [t.requires_grad_() for t in (*dense, *scales, *shifts) if t.numel()]
     zz, out, div = _autograd_program(z, tangents, dense, scales, shifts, ACT_IDS[act],
                                      mode == "exact")
-    weights = [w.detach() for w in weights]
+    values = [w.detach() for w in values]
     scales = [s.detach() for s in scales]
     shifts = [h.detach() for h in shifts]
-    f, dv, saved = mlp_fwd_ref(z.t().contiguous(), tan, tan, weights, scales, shifts, layouts,
-                               ACT_IDS[act], mode == "exact", True)
+    f, dv, saved = mlp_fwd_ref(z.t().contiguous(), tan, tan, values, index, scales, shifts,
+                               layouts, ACT_IDS[act], mode == "exact", True)
     assert_close(f.t(), out, dtype, what="f")
     assert_close(dv, div, dtype, factor=100, what="div")
     gf = torch.randn(b, d, generator=gen, dtype=dtype)
@@ -294,7 +327,7 @@ def test_reference_program_matches_autograd(act, mode):
     ref_grads = torch.autograd.grad((out * gf).sum() + (div * gd).sum(), [zz, *params],
                                     allow_unused=True)
     g_x, g_w, g_s, g_h = mlp_bwd_ref(gf.t().contiguous(), gd, z.t().contiguous(), tan, tan,
-                                     weights, scales, shifts, layouts, ACT_IDS[act],
+                                     values, index, scales, shifts, layouts, ACT_IDS[act],
                                      mode == "exact", saved)
     assert_close(g_x.t(), ref_grads[0], dtype, factor=100, what="grad z")
     got = []
@@ -314,7 +347,8 @@ def test_reference_program_matches_autograd(act, mode):
 def _fused_case(dtype, widths, density, mode, b, act, layouts, scaled=True, seed=0,
                 device=DEVICE):
     """mlp_fwd's arguments but ``save`` and ``backend``; the same numbers for every dtype."""
-    _, weights, scales, shifts = _program(widths, density, dtype, layouts, scaled, seed, device)
+    _, values, index, scales, shifts = _program(widths, density, dtype, layouts, scaled, seed,
+                                                device)
     gen = torch.Generator().manual_seed(seed + 1)
     d = widths[0]
     x0 = torch.randn(d, b, generator=gen, dtype=torch.float64).to(device, dtype)
@@ -325,7 +359,8 @@ def _fused_case(dtype, widths, density, mode, b, act, layouts, scaled=True, seed
     else:
         tan0 = torch.empty(0, d, b, dtype=dtype, device=device)
     probe = tan0 if mode == "hutchinson" else torch.empty(0, dtype=dtype, device=device)
-    return (x0, tan0, probe, weights, scales, shifts, layouts, ACT_IDS[act], mode == "exact")
+    return (x0, tan0, probe, values, index, scales, shifts, layouts, ACT_IDS[act],
+            mode == "exact")
 
 
 FUSED_CASES = [
@@ -404,23 +439,23 @@ def test_fused_program_backends_match_reference(backend, dtype, case, layout):
 def test_fused_program_gradcheck_and_opcheck(backend):
     dtype = torch.float64
     layouts = [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_BLOCKED]
-    x0, tan0, probe, weights, scales, shifts, layouts, act, exact = _fused_case(
+    x0, tan0, probe, values, index, scales, shifts, layouts, act, exact = _fused_case(
         dtype, (3, 5, 6, 3), 0.6, "hutchinson", 4, "tanh", layouts)
     x0.requires_grad_()
-    diff = [w for w in weights if w.is_floating_point()]
-    for w in (*diff, *[s for s in scales if s.numel()], *shifts):
+    for w in (*values, *[s for s in scales if s.numel()], *shifts):
         w.requires_grad_()
-    args = (x0, tan0, probe, weights, scales, shifts, layouts, act, exact, True, backend)
+    args = (x0, tan0, probe, values, index, scales, shifts, layouts, act, exact, True, backend)
     torch.library.opcheck(ops.mlp_fwd, args)
 
     def fn(x0, *params):
         it = iter(params)
-        ws = [next(it) if w.is_floating_point() else w for w in weights]
+        vs = [next(it) for _ in values]
         ss = [next(it) if s.numel() else s for s in scales]
         hs = [next(it) for _ in shifts]
-        return ops.mlp_fwd(x0, tan0, probe, ws, ss, hs, layouts, act, exact, True, backend)[:2]
+        return ops.mlp_fwd(x0, tan0, probe, vs, index, ss, hs, layouts, act, exact, True,
+                           backend)[:2]
 
-    params = (*diff, *[s for s in scales if s.numel()], *shifts)
+    params = (*values, *[s for s in scales if s.numel()], *shifts)
     assert torch.autograd.gradcheck(fn, (x0, *params))
 
 
@@ -441,11 +476,11 @@ def test_fused_backward_passes_opcheck(backend, mode):
 def test_reduced_precision_program_passes_opcheck_and_stays_near_the_exact_one(backend, precision):
     layouts = [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_BLOCKED]
     args = _fused_case(torch.float32, (3, 37, 59, 3), 0.6, "hutchinson", 5, "tanh", layouts)
-    x0, tan0, probe, weights, scales, shifts, layouts, act, exact = args
+    x0, tan0, probe, values, index, scales, shifts, layouts, act, exact = args
     x0 = x0.clone().requires_grad_()
     shifts = [h.clone().requires_grad_() for h in shifts]
-    op_args = (x0, tan0, probe, weights, scales, shifts, layouts, act, exact, True, backend,
-               precision)
+    op_args = (x0, tan0, probe, values, index, scales, shifts, layouts, act, exact, True,
+               backend, precision)
     torch.library.opcheck(ops.mlp_fwd, op_args)
     f, div, saved = ops.mlp_fwd(*op_args)
     saved_const = [t.detach() for t in saved]  # mlp_bwd itself is not differentiable
@@ -479,7 +514,7 @@ def test_reference_rounds_the_operands_of_every_product_by_hand(precision):
     none = torch.empty(0)
     x_in = torch.cat([x0, tan0[0]], 1)
     # Two layers forward: the hidden activations and tangents are rounded too.
-    f, div, _ = mlp_fwd_ref(x0, tan0, probe, [w1, w2], [none, none], [h1, h2],
+    f, div, _ = mlp_fwd_ref(x0, tan0, probe, [w1, w2], [], [none, none], [h1, h2],
                             [LAYOUT_DENSE] * 2, ACT_IDS["tanh"], False, False,
                             precision=precision)
     m1 = r(w1) @ r(x_in)
@@ -492,9 +527,9 @@ def test_reference_rounds_the_operands_of_every_product_by_hand(precision):
                                rtol=1e-5, atol=1e-5)
     # One layer backward: W^T Mbar and Mbar X^T both take rounded operands.
     gf, gd = torch.randn(d, b, generator=gen), torch.randn(b, generator=gen)
-    _, _, saved = mlp_fwd_ref(x0, tan0, probe, [w2[:, :n0]], [none], [h2], [LAYOUT_DENSE],
+    _, _, saved = mlp_fwd_ref(x0, tan0, probe, [w2[:, :n0]], [], [none], [h2], [LAYOUT_DENSE],
                               ACT_IDS["tanh"], False, True, precision=precision)
-    gx, gw, _, gh = mlp_bwd_ref(gf, gd, x0, tan0, probe, [w2[:, :n0]], [none], [h2],
+    gx, gw, _, gh = mlp_bwd_ref(gf, gd, x0, tan0, probe, [w2[:, :n0]], [], [none], [h2],
                                 [LAYOUT_DENSE], ACT_IDS["tanh"], False, saved,
                                 precision=precision)
     mbar = torch.cat([gf, probe[0] * gd], 1)
@@ -517,6 +552,85 @@ def test_fused_program_refuses_a_second_derivative(backend):
         torch.autograd.grad(div.sum(), x0, create_graph=True)
 
 
+def _meta(a):
+    """``a`` with every tensor (also inside lists) on the meta device: the ops' fakes run."""
+    if isinstance(a, torch.Tensor):
+        return a.to("meta")
+    return [_meta(t) for t in a] if isinstance(a, list) else a
+
+
+def _set(i, j, fn):
+    def apply(args):
+        if j is None:
+            args[i] = fn(args[i])
+        else:
+            args[i] = [fn(t) if k == j else t for k, t in enumerate(args[i])]
+    return apply
+
+
+# (what, how the arguments break, error type, message): layer 0 csr [5, 3] with a
+# scale, layer 1 dense [6, 5], layer 2 blocked [3, 6]; B = 4, one Hutchinson tangent.
+BROKEN_PROGRAMS = [
+    ("shift", _set(6, 0, lambda t: t[:3]), ProgramError,
+     r"sparsekern::mlp_fwd: layer 0 shift has shape \[3\], expected \[5\]"),
+    ("scale", _set(5, 0, lambda t: t[:2]), ProgramError,
+     r"layer 0 scale has shape \[2\], expected \[5\], or \[0\] for none"),
+    ("fan-in", _set(3, 1, lambda t: t[:, :4]), ProgramError,
+     "layer 1 reads 4 features, the previous layer gives 5"),
+    ("dtype", _set(3, 1, lambda t: t.float()), ProgramTypeError,
+     r"layer 1 weights \(values\[1\]\) is torch.float32, expected x0's torch.float64"),
+    ("kept values", _set(3, 0, lambda t: t[:-1]), ProgramError,
+     r"layer 0 values have shape \[\d+\], expected \[\d+\] \(its kept places\)"),
+    ("index dtype", _set(4, 1, lambda t: t.long()), ProgramTypeError,
+     "layer 0 col must be a 1-D int32 tensor, got torch.int64"),
+    ("blocks", _set(4, 10, lambda t: t[:-1]), ProgramError,
+     "layer 2 bptr has 1 entries for 3 rows in groups of 4"),
+    ("tangents", _set(1, None, lambda t: t[:, :2]), ProgramError,
+     r"tan0 must be \[K, 3, 4\], got \[1, 2, 4\]"),
+    ("probe", _set(2, None, lambda t: t[:, :2]), ProgramError,
+     r"probe must be \[1, 3, 4\], got \[1, 2, 4\]"),
+    ("activation", _set(8, None, lambda a: 9), ProgramError, "unknown activation id 9"),
+    ("device", _set(6, 2, lambda t: t.to("meta")), ProgramError,
+     "layer 2 shift is on meta, x0 on cpu"),
+]
+
+
+@pytest.mark.parametrize(("case", "fake"), [
+    (c, fake) for c in BROKEN_PROGRAMS for fake in (False, True)
+    if not (fake and c[0] == "device")  # every fake tensor is on meta
+], ids=lambda v: v[0] if isinstance(v, tuple) else ("fake" if v else "eager"))
+def test_one_program_check_serves_the_fakes_and_the_eager_path(case, fake):
+    # The same check_program runs in the op's eager path (before any backend) and in its
+    # fake, so a traced call fails as the eager one does, naming what is wrong.
+    _, breaks, error, message = case
+    args = list(_fused_case(torch.float64, (3, 5, 6, 3), 0.6, "hutchinson", 4, "tanh",
+                            [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_BLOCKED], device="cpu"))
+    ops.mlp_fwd(*(_meta(args) if fake else args), False, "ref")  # intact: runs
+    breaks(args)
+    with pytest.raises(error, match=message) as caught:
+        ops.mlp_fwd(*(_meta(args) if fake else args), False, "ref")
+    assert isinstance(caught.value, RuntimeError), "torch's op checks raise RuntimeErrors"
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "fake"])
+def test_the_backward_checks_its_cotangents_and_saved_list(fake):
+    args = _fused_case(torch.float64, (3, 5, 6, 3), 0.6, "exact", 4, "tanh",
+                       [LAYOUT_CSR, LAYOUT_DENSE, LAYOUT_BLOCKED], device="cpu")
+    f, div, saved = ops.mlp_fwd(*args, True, "ref")
+    call = [torch.ones_like(f), torch.ones_like(div), *args, saved, "ref"]
+    run = (lambda a: ops.mlp_bwd(*_meta(a))) if fake else (lambda a: ops.mlp_bwd(*a))
+    g_x, g_v, g_s, g_h = run(call)
+    assert [g.shape for g in g_s] == [s.shape for s in args[5]]
+    assert [g.shape for g in g_v] == [v.shape for v in args[3]]
+    assert g_x.shape == args[0].shape and [g.shape for g in g_h] == [h.shape for h in args[6]]
+    with pytest.raises(ProgramError, match=r"sparsekern::mlp_bwd: saved must be the 5 tensors "
+                                           r"of mlp_fwd\(save=True\) with shapes \[\[5, 16\]"):
+        run([*call[:-2], saved[:4], "ref"])
+    with pytest.raises(ProgramError, match=r"grad_f must be \[3, 4\] and grad_div \[4\], got "
+                                           r"\[3, 3\] and \[4\]"):
+        run([call[0][:, :3], *call[1:]])
+
+
 def test_fused_program_without_saved_activations_has_no_backward():
     args = _fused_case(torch.float64, (2, 4, 2), 1.0, "hutchinson", 3, "tanh",
                        [LAYOUT_DENSE, LAYOUT_DENSE], device="cpu")
@@ -534,7 +648,7 @@ def test_cpu_fused_program_checks_shapes():
         ops.mlp_fwd(*args, False, "cpu")
     args = list(_fused_case(torch.float32, (2, 4, 2), 1.0, "none", 3, "tanh",
                             [LAYOUT_DENSE, LAYOUT_DENSE], device="cpu"))
-    args[5] = [args[5][0][:3], args[5][1]]
+    args[6] = [args[6][0][:3], args[6][1]]
     with pytest.raises(RuntimeError, match="layer 0 shift has shape"):
         ops.mlp_fwd(*args, False, "cpu")
 
@@ -563,7 +677,7 @@ def _activation_through_the_program(act: str, a: torch.Tensor, backend: str):
     dt = a.dtype
     one = torch.ones(1, 1, dtype=dt)
     f, div, _ = ops.mlp_fwd(a[None].contiguous(), torch.ones(1, 1, a.numel(), dtype=dt),
-                            a.new_empty(0), [one, one.clone()], [a.new_empty(0)] * 2,
+                            a.new_empty(0), [one, one.clone()], [], [a.new_empty(0)] * 2,
                             [a.new_zeros(1)] * 2, [0, 0], ACT_IDS[act], True, False, backend)
     return f[0], div
 

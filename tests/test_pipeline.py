@@ -1,12 +1,27 @@
+import dataclasses
 import json
+import subprocess
+import sys
+import typing
 
 import pytest
 import torch
 
 import flows.pipeline as pipeline
-from flows.pipeline import RESULT_FIELDS, build_config, load_cycle_model, run_pipeline
+from flows.pipeline import (
+    Task,
+    build_config,
+    build_model,
+    load_cycle_model,
+    load_run_data,
+    run_cycle,
+    run_pipeline,
+)
 from flows.presets import PRESETS, get_preset, load_config_file, parse_assignment
 from flows.prune import alive_neurons, prunable_layers
+from flows.run_config import RUN_DEFAULTS, PruneSettings, RunConfig
+from flows.rundir import RESULT_FIELDS
+from flows.settings import SCHEMA, SettingError
 
 TINY = {
     "data": {"n_train": 256, "n_val": 64, "n_test": 64},
@@ -227,3 +242,91 @@ def test_budget_scales_epochs_and_lr_milestones():
     cfg = pipeline.train_config(config, n_train=100000, cycle=0)
     assert cfg.iters == round(100 * 10 * 0.1)
     assert cfg.lr_milestones == (90, 97)
+
+
+# ---------------------------------------------------------------- structure (issue 15)
+
+ROW_KEYS = [
+    "cycle", "prune_ratio", "kept_fraction", "nonzero_params", "empty_layers", "train_nll",
+    "val_nll", "test_nll", "nfe_forward", "nfe_backward", "seconds", "prepare_seconds",
+    "train_seconds", "eval_seconds", "iters", "kernels", "step_seconds_dense",
+    "step_seconds_compiled", "speedup", "step_nfe_dense", "step_nfe_compiled", "not_compiled",
+]
+
+
+def test_run_cycle_returns_the_row_run_pipeline_writes(tmp_path):
+    config = tiny(cycles=0, iters=2, speedup_steps=1)
+    rows = run_pipeline(config, tmp_path, progress=False, plots=False)
+    # The same cycle again, outside the loop: the pipeline seeds the initial weights
+    # with the run's seed, and run_cycle seeds the cycle itself.
+    settings = RunConfig.from_dict(config)
+    data = load_run_data(settings)
+    torch.manual_seed(settings.run.seed)
+    model = build_model(settings, data)
+    row, history = run_cycle(model, settings, Task(settings, data), 0)
+    assert list(row) == ROW_KEYS == list(rows[0])
+    assert len(history) == row["iters"] == 2
+    assert strip([row]) == strip(rows)
+    # A later cycle prunes first; the model is pruned and trained in place.
+    row1 = run_cycle(model, settings, Task(settings, data), 1).row
+    assert row1["cycle"] == 1 and row1["kept_fraction"] == pytest.approx(0.7, abs=0.01)
+    assert row1["nonzero_params"] < row["nonzero_params"]
+
+
+@pytest.mark.parametrize("dataset", sorted(PRESETS))
+def test_run_config_round_trips_every_preset(dataset):
+    d = build_config(dataset)
+    config = RunConfig.from_dict(d)
+    assert config.to_dict() == d
+    # ...key for key in the same order, so config.json is written as before.
+    assert json.dumps(config.to_dict(), indent=2) == json.dumps(d, indent=2)
+    assert RunConfig.from_dict(json.loads(json.dumps(d))) == config  # as read back
+    assert config.run.to_dict() == dict(RUN_DEFAULTS, dataset=dataset)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.run.cycles = 3
+
+
+def test_run_config_string_options_are_the_schemas_choices():
+    for section in ("model", "train", "run"):
+        kind = typing.get_type_hints(RunConfig)[section]
+        for name, hint in typing.get_type_hints(kind).items():
+            spec = SCHEMA[f"{section}.{name}"]
+            if spec.kind != "choice":
+                continue
+            if typing.get_origin(hint) is not typing.Literal:  # Literal[...] | None
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            assert typing.get_origin(hint) is typing.Literal, name
+            assert set(typing.get_args(hint)) == set(spec.choices), name
+    assert set(typing.get_args(typing.get_type_hints(RunConfig)["task"])) == set(
+        SCHEMA["task"].choices
+    )
+
+
+def test_run_config_rejects_a_wrong_type_naming_the_setting():
+    d = build_config("gaussians")
+    for section, key, value, expected in [
+        ("train", "lr", "abc", r"train\.lr='abc' is invalid: expected a number > 0"),
+        ("run", "cycles", 1.5, r"run\.cycles=1\.5 .*expected an integer >= 0"),
+        ("model", "hidden", "8", r"model\.hidden='8' is invalid"),
+        ("run", "kernels", "sparse", r"run\.kernels='sparse' .*expected one of"),
+    ]:
+        bad = json.loads(json.dumps(d))
+        bad[section][key] = value
+        with pytest.raises(SettingError, match=expected):
+            RunConfig.from_dict(bad)
+    del d["train"]["lr"]
+    with pytest.raises(ValueError, match=r"lacks setting 'train\.lr'"):
+        RunConfig.from_dict(d)
+    # Every RunConfig is checked, also one made by replacing a section.
+    config = RunConfig.from_dict(build_config("gaussians"))
+    with pytest.raises(SettingError, match=r"prune\.prune_ratio=1\.5"):
+        dataclasses.replace(config, prune=PruneSettings(prune_ratio=1.5))
+
+
+@pytest.mark.parametrize(
+    ("module", "absent"), [("flows.pipeline", "flows.report"), ("flows.report", "flows.pipeline")]
+)
+def test_pipeline_and_report_do_not_import_each_other(module, absent):
+    code = f"import sys, {module}; print({absent!r} in sys.modules, 'flows.rundir' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]

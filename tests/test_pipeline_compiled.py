@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from flows.cli import main
-from flows.engine import compile_for_training, write_back
+from flows.engine import compile_for_training
 from flows.pipeline import Task, build_config, build_model, load_run_data, run_pipeline
 from flows.prune import prunable_layers, prune_
 from flows.train import TrainConfig, fit
-from sparsekern import FusedMLP, compiled_fields
+from sparsekern import FusedMLP, compiled_fields, write_back
 
 TINY = {
     "data": {"n_train": 512, "n_val": 128, "n_test": 128},

@@ -251,20 +251,21 @@ def mlp_case(widths, layouts, density, mode, b, act, dtype, scaled=True, seed=0,
     ``random_pattern``, with its empty row and column), as the fused kernel gets them.
     """
     gen = torch.Generator().manual_seed(seed)
-    weights, scales, shifts = [], [], []
+    values, index, scales, shifts = [], [], [], []
     for i, code in enumerate(layouts):
         n_out, n_in = widths[i + 1], widths[i]
         w = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) / max(n_in, 1) ** 0.5
         w = w.to(dtype)
         if code in (LAYOUT_CSR, LAYOUT_BLOCKED):
             p = random_pattern(n_out, n_in, density, seed=seed + i)
-            weights += [*p.tensors(), w[p.mask()]]
+            values.append(w[p.mask()])
+            index += p.tensors()
             if code == LAYOUT_BLOCKED:
-                weights += BlockedPattern.from_csr(p).tensors()
+                index += BlockedPattern.from_csr(p).tensors()
         elif mask_dense:
-            weights.append(w * random_pattern(n_out, n_in, density, seed=seed + i).mask())
+            values.append(w * random_pattern(n_out, n_in, density, seed=seed + i).mask())
         else:
-            weights.append(w)
+            values.append(w)
         scale = torch.randn(n_out, generator=gen, dtype=torch.float64).to(dtype)
         scales.append(scale if scaled and i % 2 == 0 else torch.empty(0, dtype=dtype))
         shift = torch.randn(n_out, generator=gen, dtype=torch.float64).to(dtype)
@@ -280,7 +281,7 @@ def mlp_case(widths, layouts, density, mode, b, act, dtype, scaled=True, seed=0,
         probe = torch.randn(2, d, b, generator=gen, dtype=torch.float64).to(dtype)
     else:
         tan0, probe = torch.empty(0, n0, b, dtype=dtype), torch.empty(0, dtype=dtype)
-    return (x0, tan0, probe, weights, scales, shifts, list(layouts), ACT_IDS[act],
+    return (x0, tan0, probe, values, index, scales, shifts, list(layouts), ACT_IDS[act],
             mode == "exact")
 
 
@@ -294,7 +295,8 @@ def check_program(fwd, bwd, args, factor=1.0):
     assert len(saved) == len(rsaved)
     for i, (s, r) in enumerate(zip(saved, rsaved, strict=True)):
         assert_matches(s, r, f"saved[{i}]", factor)
-    inputs = [t for t in (*args[:3], *args[3], *args[4], *args[5]) if isinstance(t, torch.Tensor)]
+    inputs = [t for t in (*args[:3], *args[3], *args[4], *args[5], *args[6])
+              if isinstance(t, torch.Tensor)]
     outputs = [f, div, *saved]
     assert len(storages(outputs)) == len([t for t in outputs if t.numel()])
     assert not storages(outputs) & storages(inputs)
@@ -403,8 +405,8 @@ class TestFusedMlpInterpreted:
         args = list(mlp_case((3, 17, 9, 3), [LAYOUT_DENSE] * 3, 1.0, "hutchinson", 7, "swish",
                              torch.float64))
         args[3] = [w.t().contiguous().t() for w in args[3]]
-        args[5] = [torch.stack([h, h], 1)[:, 0] for h in args[5]]
-        assert not args[3][1].is_contiguous() and not args[5][1].is_contiguous()
+        args[6] = [torch.stack([h, h], 1)[:, 0] for h in args[6]]
+        assert not args[3][1].is_contiguous() and not args[6][1].is_contiguous()
         _, _, saved = fused_mlp_fwd(*args, True)
         strided = [torch.stack([t, t], 2)[:, :, 0] for t in saved]
         f, div, rsaved = mlp_fwd_ref(*args, True)
@@ -438,7 +440,7 @@ class TestGeneralMlpInterpreted:
     @pytest.mark.parametrize("density", DENSITIES)
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_sparse_and_dense_layers(self, density, dtype):
-        from sparsekern.triton.k_fused_mlp import general_mlp_bwd, general_mlp_fwd
+        from sparsekern.triton.k_mlp_layers import general_mlp_bwd, general_mlp_fwd
 
         layouts = [LAYOUT_BLOCKED, LAYOUT_DENSE, LAYOUT_CSR]
         check_program(general_mlp_fwd, general_mlp_bwd,
@@ -446,7 +448,7 @@ class TestGeneralMlpInterpreted:
 
     @pytest.mark.parametrize("act", sorted(ACT_IDS))
     def test_every_activation_exact_trace(self, act):
-        from sparsekern.triton.k_fused_mlp import general_mlp_bwd, general_mlp_fwd
+        from sparsekern.triton.k_mlp_layers import general_mlp_bwd, general_mlp_fwd
 
         layouts = [LAYOUT_CSR, LAYOUT_BLOCKED, LAYOUT_DENSE]
         check_program(general_mlp_fwd, general_mlp_bwd,
@@ -457,7 +459,7 @@ class TestGeneralMlpInterpreted:
         ((1, 37, 1), "hutchinson", 1025, "softplus", torch.float32),
     ], ids=lambda c: f"{c[0]}-{c[1]}-B{c[2]}-{c[3]}")
     def test_odd_widths_and_batches(self, case):
-        from sparsekern.triton.k_fused_mlp import general_mlp_bwd, general_mlp_fwd
+        from sparsekern.triton.k_mlp_layers import general_mlp_bwd, general_mlp_fwd
 
         widths, mode, b, act, dtype = case
         layouts = [LAYOUT_CSR] * (len(widths) - 1)
@@ -466,6 +468,7 @@ class TestGeneralMlpInterpreted:
 
     def test_dispatch_takes_the_fused_kernel_only_when_it_fits(self):
         from sparsekern import triton as tk
+        from sparsekern.formats import decode_program
         from sparsekern.triton.k_fused_mlp import fused_eligible, fused_mlp_fwd
 
         wide = mlp_case((3, 257, 3), [LAYOUT_DENSE] * 2, 1.0, "hutchinson", 9, "tanh",
@@ -474,9 +477,9 @@ class TestGeneralMlpInterpreted:
                         torch.float64)
         sparse = mlp_case((3, 16, 3), [LAYOUT_CSR, LAYOUT_DENSE], 0.5, "hutchinson", 9, "tanh",
                           torch.float64)
-        assert fused_eligible(fits[0], fits[3], fits[6])
-        assert not fused_eligible(wide[0], wide[3], wide[6])
-        assert not fused_eligible(sparse[0], sparse[3], sparse[6])
+        assert fused_eligible(fits[0], decode_program(fits[3], fits[4], fits[7]))
+        assert not fused_eligible(wide[0], decode_program(wide[3], wide[4], wide[7]))
+        assert not fused_eligible(sparse[0], decode_program(sparse[3], sparse[4], sparse[7]))
         with pytest.raises(ValueError, match="general_mlp_fwd"):
             fused_mlp_fwd(*wide, False)
         # The public entry points dispatch to whichever path fits.
@@ -501,7 +504,7 @@ class TestGeneralMlpInterpreted:
         with pytest.raises(ValueError, match="layer 1 reads 5 features"):
             tk.mlp_fwd(*bad, False)
         bad = list(args)
-        bad[7] = 7
+        bad[8] = 7
         with pytest.raises(ValueError, match="unknown activation id 7"):
             tk.mlp_fwd(*bad, False)
         f, div, saved = tk.mlp_fwd(*args, True)
@@ -531,6 +534,7 @@ class TestReducedPrecisionInterpreted:
     @pytest.mark.parametrize("path", ("fused", "dense", "csr", "blocked"))
     def test_one_layer_matches_the_rounded_reference_to_float32_sums(self, path, precision):
         from sparsekern.triton import k_fused_mlp as km
+        from sparsekern.triton import k_mlp_layers as kl
 
         # One layer: no activation feeds a later product, so the only difference left is
         # the order of the float32 sums (~1e-7); rounding one operand fewer shows as the
@@ -538,7 +542,7 @@ class TestReducedPrecisionInterpreted:
         layout = {"csr": LAYOUT_CSR, "blocked": LAYOUT_BLOCKED}.get(path, LAYOUT_DENSE)
         args = mlp_case((37, 59), [layout], 0.5, "hutchinson", 37, "tanh", torch.float32)
         fwd, bwd = ((km.fused_mlp_fwd, km.fused_mlp_bwd) if path == "fused"
-                    else (km.general_mlp_fwd, km.general_mlp_bwd))
+                    else (kl.general_mlp_fwd, kl.general_mlp_bwd))
         f, div, saved = fwd(*args, True, precision=precision)
         rf, rdiv, rsaved = mlp_fwd_ref(*args, True, precision=precision)
         ief, _, _ = mlp_fwd_ref(*args, True)
@@ -601,7 +605,7 @@ class TestReducedPrecisionInterpreted:
 
     def test_float64_programs_refuse_reduced_precision(self):
         from sparsekern import triton as tk
-        from sparsekern.triton.k_fused_mlp import general_mlp_fwd
+        from sparsekern.triton.k_mlp_layers import general_mlp_fwd
 
         args = mlp_case((3, 8, 3), [LAYOUT_DENSE] * 2, 1.0, "hutchinson", 4, "tanh",
                         torch.float64)
@@ -648,8 +652,8 @@ class TestRegistryInterpreted:
         dtype = torch.float64 if precision == "ieee" else torch.float32
         args = mlp_case((3, 16, 3), layouts, 0.5, "hutchinson", 5, "tanh", dtype)
         x0 = args[0].clone().requires_grad_()
-        shifts = [h.clone().requires_grad_() for h in args[5]]
-        call = (x0, *args[1:5], shifts, *args[6:], True, "triton", precision)
+        shifts = [h.clone().requires_grad_() for h in args[6]]
+        call = (x0, *args[1:6], shifts, *args[7:], True, "triton", precision)
         torch.library.opcheck(ops.mlp_fwd, call)
         f, div, saved = ops.mlp_fwd(*call)
         torch.library.opcheck(ops.mlp_bwd, (torch.ones_like(f), torch.ones_like(div), *args,
@@ -717,15 +721,16 @@ class _Launch:
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The fused module's kernels and cuBLAS precision scope replaced by recorders (no GPU)."""
-    from sparsekern.triton import k_fused_mlp
+    """The MLP modules' kernels and cuBLAS precision scope replaced by recorders (no GPU)."""
+    from sparsekern.triton import k_fused_mlp, k_mlp_layers, launch
 
-    kernels = {name: _Launch() for name in ("_fused_fwd_kernel", "_fused_bwd_kernel",
-                                            "_epilogue_fwd_kernel", "_head_fwd_kernel",
-                                            "_epilogue_bwd_kernel")}
+    modules = {"_fused_fwd_kernel": k_fused_mlp, "_fused_bwd_kernel": k_fused_mlp,
+               "_epilogue_fwd_kernel": k_mlp_layers, "_head_fwd_kernel": k_mlp_layers,
+               "_epilogue_bwd_kernel": k_mlp_layers}
+    kernels = {name: _Launch() for name in modules}
     for name, fake in kernels.items():
-        monkeypatch.setattr(k_fused_mlp, name, fake)
-    monkeypatch.setattr(k_fused_mlp, "check_device", lambda t: None)
+        monkeypatch.setattr(modules[name], name, fake)
+    monkeypatch.setattr(launch, "check_device", lambda t: None)
     scopes: list[str] = []
 
     @contextlib.contextmanager
@@ -733,7 +738,8 @@ def launches(monkeypatch):
         scopes.append(precision)
         yield
 
-    monkeypatch.setattr(k_fused_mlp, "cublas_fp32", cublas)
+    for module in (k_fused_mlp, k_mlp_layers):
+        monkeypatch.setattr(module, "cublas_fp32", cublas)
     return kernels, scopes
 
 
@@ -818,9 +824,10 @@ def _kernel_names() -> set[str]:
     """Every launchable Triton kernel (module-level ``*_kernel`` JIT functions)."""
     from triton.runtime.jit import JITFunction
 
-    from sparsekern.triton import k_fused_mlp, k_sddmm, k_spmm
+    from sparsekern.triton import k_fused_mlp, k_mlp_layers, k_sddmm, k_spmm
 
-    return {name for mod in (k_spmm, k_sddmm, k_fused_mlp) for name, obj in vars(mod).items()
+    return {name for mod in (k_spmm, k_sddmm, k_fused_mlp, k_mlp_layers)
+            for name, obj in vars(mod).items()
             if isinstance(obj, JITFunction) and name.endswith("_kernel")}
 
 

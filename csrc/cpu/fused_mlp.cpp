@@ -7,7 +7,7 @@
 
 #include <c10/util/Exception.h>
 
-#include "../common/mlp_program.h"
+#include "../common/mlp_loop.h"
 
 namespace sparsekern {
 namespace cpu {
@@ -17,29 +17,6 @@ namespace {
 using sparsekern::Layer;
 
 constexpr const char* kWho = "sparsekern cpu backend";
-
-// The shared structural parse, then what this backend needs: CPU tensors of the
-// input's dtype, contiguous.
-std::vector<Layer> parse_layers(const std::vector<Tensor>& weights,
-                                const std::vector<int64_t>& layouts, const Tensor& x0) {
-  std::vector<Layer> layers = sparsekern::parse_layers(weights, layouts, x0.size(0), kWho);
-  for (size_t l = 0; l < layers.size(); ++l) {
-    for (const Tensor& t : layers[l].t) {
-      TORCH_CHECK(t.device() == x0.device() && t.is_contiguous(), kWho, ": layer ", l,
-                  " tensors must be contiguous and on ", x0.device());
-    }
-    const Tensor& w = layers[l].values();
-    TORCH_CHECK(w.scalar_type() == x0.scalar_type(), kWho, ": layer ", l, " weights are ",
-                w.scalar_type(), ", the input is ", x0.scalar_type());
-  }
-  return layers;
-}
-
-// [x0 | tan0[0] | ... | tan0[K-1]] as one [n0, (1+K) B] matrix.
-Tensor stack_columns(const Tensor& x0, const Tensor& tan0) {
-  if (tan0.size(0) == 0) return x0;
-  return at::cat({x0, tan0.permute({1, 0, 2}).reshape({x0.size(0), tan0.size(0) * x0.size(1)})}, 1);
-}
 
 // Scratch memory for the intermediate activations of a forward that saves
 // nothing: fresh multi-megabyte buffers on every call cost page faults and cache
@@ -185,129 +162,113 @@ void probe_cotangent(const T* grad_div, const T* probe, T* Xbar, int64_t d, int6
   });
 }
 
-const Tensor* optional_ptr(const Tensor& t) { return t.numel() ? &t : nullptr; }
+template <typename T>
+const T* optional_ptr(const Tensor& t) {
+  return t.numel() ? t.data_ptr<T>() : nullptr;
+}
+
+// The CPU program primitives of the shared layer loops (csrc/common/mlp_loop.h):
+// the products (CpuProducts, kernels.h), epilogues, the divergence contraction.
+template <typename T>
+struct CpuProgram : sparsekern::ProgramState, CpuProducts<T> {
+  const Tensor* grad_f = nullptr;
+  const Tensor* grad_div = nullptr;
+
+  // Without a backward to feed, the activations overwrite M in place, in the
+  // thread's scratch buffers. (Fusing the epilogue into the CSR product was
+  // measured: no faster, the products are bound by their gathers, not by this
+  // extra pass.)
+  std::pair<Tensor, Tensor> fwd_buffers(size_t l, bool /*last*/) {
+    const int64_t n_out = layers[l].n_out;
+    if (!save) {
+      Tensor out = scratch(static_cast<int>(l % 2), n_out, dims.cols, opt);
+      return {out, out};
+    }
+    return {at::empty({n_out, dims.cols}, opt), at::empty({n_out, dims.cols}, opt)};
+  }
+
+  void epilogue_fwd(size_t l, bool last, const Tensor& m, Tensor& out) {
+    cpu::epilogue_fwd<T>(m.data_ptr<T>(), out.data_ptr<T>(), optional_ptr<T>(scales[l]),
+                         shifts[l].data_ptr<T>(), layers[l].n_out, dims.B, dims.K, act, last);
+  }
+
+  std::pair<Tensor, Tensor> finish_fwd(const Tensor& x) {
+    // Without save, x is the thread's scratch buffer (reused by the next call).
+    // contiguous() would return that very storage whenever the narrow is already
+    // contiguous (no tangent, or B = 1), and the next call would overwrite f:
+    // always copy out of it.
+    const Tensor h = x.narrow(1, 0, dims.B);
+    Tensor f = save ? h.contiguous() : h.clone(at::MemoryFormat::Contiguous);
+    Tensor div = at::zeros({dims.B}, opt);
+    if (dims.K > 0) {
+      contract_divergence<T>(x.data_ptr<T>(), exact ? nullptr : probe.data_ptr<T>(),
+                             div.data_ptr<T>(), dims.d, dims.B, dims.K, exact);
+    }
+    return {f, div};
+  }
+
+  Tensor seed_bwd() {
+    Tensor xbar = at::empty({dims.d, dims.cols}, opt);
+    xbar.narrow(1, 0, dims.B).copy_(*grad_f);
+    if (dims.K > 0) {
+      const Tensor gd = grad_div->contiguous();
+      probe_cotangent<T>(gd.data_ptr<T>(), exact ? nullptr : probe.data_ptr<T>(),
+                         xbar.data_ptr<T>(), dims.d, dims.B, dims.K, exact);
+    }
+    return xbar;
+  }
+
+  // In place: xbar (the cotangent of X) becomes Mbar.
+  Tensor epilogue_bwd(size_t l, bool last, const Tensor& m, Tensor& xbar, Tensor& g_scale,
+                      Tensor& g_shift) {
+    const T* s = optional_ptr<T>(scales[l]);
+    cpu::epilogue_bwd<T>(m.data_ptr<T>(), xbar.data_ptr<T>(), s, shifts[l].data_ptr<T>(),
+                         s ? g_scale.data_ptr<T>() : nullptr, g_shift.data_ptr<T>(),
+                         layers[l].n_out, dims.B, dims.K, act, last);
+    return xbar;
+  }
+};
 
 }  // namespace
 
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_fwd(
-    const Tensor& x0, const Tensor& tan0, const Tensor& probe, const std::vector<Tensor>& weights,
-    const std::vector<Tensor>& scales, const std::vector<Tensor>& shifts,
-    const std::vector<int64_t>& layouts, int64_t act, bool exact, bool save) {
-  TORCH_CHECK(x0.dim() == 2 && x0.is_contiguous(), "sparsekern::mlp_fwd: x0 must be a contiguous ",
-              "[n0, B] matrix, got ", x0.sizes());
-  TORCH_CHECK(x0.scalar_type() == at::kFloat || x0.scalar_type() == at::kDouble,
-              "sparsekern cpu backend supports float32 and float64, got ", x0.scalar_type());
-  TORCH_CHECK(tan0.dim() == 3 && tan0.size(1) == x0.size(0) && tan0.size(2) == x0.size(1),
-              "sparsekern::mlp_fwd: tan0 must be [K, ", x0.size(0), ", ", x0.size(1), "], got ",
-              tan0.sizes());
-  const auto layers = parse_layers(weights, layouts, x0);
-  sparsekern::check_vectors(scales, layers, "scale", true, kWho);
-  sparsekern::check_vectors(shifts, layers, "shift", false, kWho);
-  const int64_t B = x0.size(1), K = tan0.size(0), d = layers.back().n_out;
-  TORCH_CHECK(!exact || K == d, "sparsekern::mlp_fwd: the exact trace needs K = d = ", d,
-              " unit tangents, got K = ", K);
-  TORCH_CHECK(exact || K == 0 || (probe.dim() == 3 && probe.size(0) == K && probe.size(1) == d &&
-                                  probe.size(2) == B),
-              "sparsekern::mlp_fwd: probe must be [", K, ", ", d, ", ", B, "], got ",
-              probe.sizes());
-  std::vector<Tensor> saved_m, saved_x;
-  Tensor x = stack_columns(x0, tan0);
-  const int64_t cols = (1 + K) * B;
-  for (size_t l = 0; l < layers.size(); ++l) {
-    const bool last = l + 1 == layers.size();
-    const int64_t n_out = layers[l].n_out;
-    Tensor out = save ? at::empty({n_out, cols}, x0.options())
-                      : scratch(static_cast<int>(l % 2), n_out, cols, x0.options());
-    const Tensor* s = optional_ptr(scales[l]);
-    // Without a backward to feed, the activations overwrite M in place. (Fusing
-    // the epilogue into the CSR product was measured: no faster, the products
-    // are bound by their gathers, not by this extra pass.)
-    Tensor m = save ? at::empty({n_out, cols}, x0.options()) : out;
-    layer_matmul(layers[l].t, x, m, false);
-    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_fwd", [&] {
-      epilogue_fwd<scalar_t>(m.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                             s ? s->data_ptr<scalar_t>() : nullptr,
-                             shifts[l].data_ptr<scalar_t>(), n_out, B, K, act, last);
-    });
-    if (save) saved_m.push_back(m);
-    if (save && !last) saved_x.push_back(out);
-    x = out;
-  }
-  // Without save, x is the thread's scratch buffer (reused by the next call). contiguous()
-  // would return that very storage whenever the narrow is already contiguous (no tangent,
-  // or B = 1), and the next call would overwrite f: always copy out of it.
-  Tensor f = save ? x.narrow(1, 0, B).contiguous()
-                  : x.narrow(1, 0, B).clone(at::MemoryFormat::Contiguous);
-  Tensor div = at::zeros({B}, x0.options());
-  if (K > 0) {
-    const Tensor pc = probe.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_div", [&] {
-      contract_divergence<scalar_t>(x.data_ptr<scalar_t>(),
-                                    exact ? nullptr : pc.data_ptr<scalar_t>(),
-                                    div.data_ptr<scalar_t>(), d, B, K, exact);
-    });
-  }
-  saved_m.insert(saved_m.end(), saved_x.begin(), saved_x.end());
-  return {f, div, saved_m};
+    const Tensor& x0, const Tensor& tan0, const Tensor& probe, const std::vector<Tensor>& values,
+    const std::vector<Tensor>& index, const std::vector<Tensor>& scales,
+    const std::vector<Tensor>& shifts, const std::vector<int64_t>& layouts, int64_t act,
+    bool exact, bool save) {
+  TORCH_CHECK(x0.device().is_cpu(), kWho, ": x0 is on ", x0.device());
+  const auto call = sparsekern::decode_call(x0, tan0, probe, values, index, layouts, scales,
+                                            shifts, act, exact, "sparsekern::mlp_fwd", kWho);
+  std::tuple<Tensor, Tensor, std::vector<Tensor>> out;
+  AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_fwd", [&] {
+    CpuProgram<scalar_t> ops{
+        {scales, shifts, call.layers, call.dims, act, exact, save, call.probe, x0.options()}, {}};
+    out = sparsekern::run_forward(ops, call.layers, sparsekern::stack_columns(x0, tan0), save);
+  });
+  return out;
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_bwd(
     const Tensor& grad_f, const Tensor& grad_div, const Tensor& x0, const Tensor& tan0,
-    const Tensor& probe, const std::vector<Tensor>& weights, const std::vector<Tensor>& scales,
-    const std::vector<Tensor>& shifts, const std::vector<int64_t>& layouts, int64_t act, bool exact,
+    const Tensor& probe, const std::vector<Tensor>& values, const std::vector<Tensor>& index,
+    const std::vector<Tensor>& scales, const std::vector<Tensor>& shifts,
+    const std::vector<int64_t>& layouts, int64_t act, bool exact,
     const std::vector<Tensor>& saved) {
-  const auto layers = parse_layers(weights, layouts, x0);
-  const size_t L = layers.size();
-  sparsekern::check_vectors(scales, layers, "scale", true, kWho);
-  sparsekern::check_vectors(shifts, layers, "shift", false, kWho);
-  TORCH_CHECK(saved.size() == 2 * L - 1, "sparsekern::mlp_bwd: expected ", 2 * L - 1,
-              " saved tensors (mlp_fwd with save=True), got ", saved.size());
-  const int64_t B = x0.size(1), K = tan0.size(0), d = layers.back().n_out;
-  TORCH_CHECK(grad_f.sizes() == at::IntArrayRef({d, B}) && grad_div.sizes() == at::IntArrayRef({B}),
-              "sparsekern::mlp_bwd: grad_f must be [", d, ", ", B, "] and grad_div [", B, "]");
-  Tensor xbar = at::empty({d, (1 + K) * B}, x0.options());
-  xbar.narrow(1, 0, B).copy_(grad_f);
-  if (K > 0) {
-    const Tensor pc = probe.contiguous(), gd = grad_div.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_probe", [&] {
-      probe_cotangent<scalar_t>(gd.data_ptr<scalar_t>(), exact ? nullptr : pc.data_ptr<scalar_t>(),
-                                xbar.data_ptr<scalar_t>(), d, B, K, exact);
-    });
-  }
-  std::vector<Tensor> g_w(L), g_scale(L), g_shift(L);
-  Tensor grad_x0;
-  for (size_t li = L; li-- > 0;) {
-    const Layer& layer = layers[li];
-    const bool last = li + 1 == L;
-    const Tensor& m = saved[li];
-    const Tensor x_in = li == 0 ? stack_columns(x0, tan0) : saved[L + li - 1];
-    g_shift[li] = at::empty({layer.n_out}, x0.options());
-    g_scale[li] = scales[li].numel() ? at::empty({layer.n_out}, x0.options())
-                                     : at::empty({0}, x0.options());
-    AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_bwd", [&] {
-      const Tensor* s = optional_ptr(scales[li]);
-      epilogue_bwd<scalar_t>(m.data_ptr<scalar_t>(), xbar.data_ptr<scalar_t>(),
-                             s ? s->data_ptr<scalar_t>() : nullptr, shifts[li].data_ptr<scalar_t>(),
-                             s ? g_scale[li].data_ptr<scalar_t>() : nullptr,
-                             g_shift[li].data_ptr<scalar_t>(), layer.n_out, B, K, act, last);
-    });
-    // xbar now holds Mbar, the cotangent of M = W x_in.
-    if (layer.sparse()) {
-      g_w[li] = sddmm(layer.t[0], layer.t[1], xbar, x_in);
-    } else {
-      g_w[li] = at::mm(xbar, x_in.t());
-    }
-    // The first layer's tangent inputs are constants: only the state columns.
-    const Tensor mbar = li == 0 ? xbar.narrow(1, 0, B) : xbar;
-    Tensor next = at::empty({layer.n_in, mbar.size(1)}, x0.options());
-    layer_matmul(layer.t, mbar, next, true);
-    if (li == 0) {
-      grad_x0 = next;
-    } else {
-      xbar = next;
-    }
-  }
-  return {grad_x0, g_w, g_scale, g_shift};
+  constexpr const char* kOp = "sparsekern::mlp_bwd";
+  TORCH_CHECK(x0.device().is_cpu(), kWho, ": x0 is on ", x0.device());
+  const auto call = sparsekern::decode_call(x0, tan0, probe, values, index, layouts, scales,
+                                            shifts, act, exact, kOp, kWho);
+  sparsekern::check_backward(grad_f, grad_div, saved, call.layers, call.dims, x0, kOp);
+  std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> out;
+  AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "sparsekern_mlp_bwd", [&] {
+    CpuProgram<scalar_t> ops{
+        {scales, shifts, call.layers, call.dims, act, exact, true, call.probe, x0.options()},
+        {},
+        &grad_f,
+        &grad_div};
+    out = sparsekern::run_backward(ops, call.layers, scales, x0, tan0, saved);
+  });
+  return out;
 }
 
 }  // namespace cpu

@@ -19,10 +19,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "../common/mlp_program.h"
+
 namespace sparsekern {
 namespace cpu {
 
 using at::Tensor;
+using sparsekern::Layer;
 
 // Row blocks of about equal work, counting each row as its nnz plus one (the
 // row's output is written even when it is empty), so that threads get equal
@@ -55,6 +58,29 @@ inline int64_t panel_width(int64_t n_in, int64_t n_cols, int64_t vec) {
   return std::min(w, std::max<int64_t>(n_cols, 1));
 }
 
+// The CSR and blocked products' work split: column panels of x (panel_width)
+// times row blocks of about equal nnz (balanced_row_blocks over rowptr's
+// n_rows rows or row groups), about four tasks per thread, in panel-major
+// order so that consecutive tasks (one thread's share) share a panel.
+// body(j0, j1, r0, r1) computes columns [j0, j1) of rows [r0, r1).
+template <typename T, typename Body>
+inline void for_panel_tasks(const int32_t* rowptr, int64_t n_rows, int64_t n_in, int64_t N,
+                            int64_t vec, const Body& body) {
+  const int64_t panel = panel_width<T>(n_in, N, vec);
+  const int64_t n_panels = (N + panel - 1) / panel;
+  const int64_t threads = at::get_num_threads();
+  const int64_t want_blocks = std::max<int64_t>(1, (4 * threads + n_panels - 1) / n_panels);
+  const auto bounds = balanced_row_blocks(rowptr, n_rows, want_blocks);
+  const int64_t n_blocks = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, n_panels * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j0 = (task / n_blocks) * panel;
+      const int64_t blk = task % n_blocks;
+      body(j0, std::min(N, j0 + panel), bounds[blk], bounds[blk + 1]);
+    }
+  });
+}
+
 // y[r, 0:N] = sum_k vals[p(k)] * x[col[k], 0:N] for k in rowptr[r]:rowptr[r+1],
 // with p the identity or ``perm`` (the stored transpose reads W's values in
 // place). x has leading dimension ldx, y has ldy.
@@ -67,41 +93,30 @@ void csr_matmul(const int32_t* rowptr, const int32_t* col, const int32_t* perm, 
   constexpr int64_t U = 4;  // four vector accumulators: enough FMAs in flight to hide latency
   constexpr int64_t TILE = U * V;
   if (n_rows == 0 || N == 0) return;
-  const int64_t panel = panel_width<T>(n_in, N, V);
-  const int64_t n_panels = (N + panel - 1) / panel;
-  const int64_t threads = at::get_num_threads();
-  const int64_t want_blocks = std::max<int64_t>(1, (4 * threads + n_panels - 1) / n_panels);
-  const auto bounds = balanced_row_blocks(rowptr, n_rows, want_blocks);
-  const int64_t n_blocks = static_cast<int64_t>(bounds.size()) - 1;
-  // Panel-major task order: consecutive tasks (one thread's share) share a panel.
-  at::parallel_for(0, n_panels * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t j0 = (task / n_blocks) * panel;
-      const int64_t j1 = std::min(N, j0 + panel);
-      const int64_t blk = task % n_blocks;
-      for (int64_t r = bounds[blk]; r < bounds[blk + 1]; ++r) {
-        const int64_t k0 = rowptr[r], k1 = rowptr[r + 1];
-        T* yr = y + r * ldy;
-        int64_t j = j0;
-        for (; j + TILE <= j1; j += TILE) {
-          Vec acc[U];
-          for (int64_t u = 0; u < U; ++u) acc[u] = Vec(T(0));
-          for (int64_t k = k0; k < k1; ++k) {
-            const Vec w(vals[perm ? perm[k] : k]);
-            const T* xr = x + static_cast<int64_t>(col[k]) * ldx + j;
-            for (int64_t u = 0; u < U; ++u) acc[u] = at::vec::fmadd(w, Vec::loadu(xr + u * V), acc[u]);
-          }
-          for (int64_t u = 0; u < U; ++u) acc[u].store(yr + j + u * V);
+  for_panel_tasks<T>(rowptr, n_rows, n_in, N, V, [&](int64_t j0, int64_t j1, int64_t ra,
+                                                     int64_t rb) {
+    for (int64_t r = ra; r < rb; ++r) {
+      const int64_t k0 = rowptr[r], k1 = rowptr[r + 1];
+      T* yr = y + r * ldy;
+      int64_t j = j0;
+      for (; j + TILE <= j1; j += TILE) {
+        Vec acc[U];
+        for (int64_t u = 0; u < U; ++u) acc[u] = Vec(T(0));
+        for (int64_t k = k0; k < k1; ++k) {
+          const Vec w(vals[perm ? perm[k] : k]);
+          const T* xr = x + static_cast<int64_t>(col[k]) * ldx + j;
+          for (int64_t u = 0; u < U; ++u) acc[u] = at::vec::fmadd(w, Vec::loadu(xr + u * V), acc[u]);
         }
-        for (; j < j1; j += V) {
-          const int64_t n = std::min<int64_t>(V, j1 - j);
-          Vec acc(T(0));
-          for (int64_t k = k0; k < k1; ++k) {
-            const Vec w(vals[perm ? perm[k] : k]);
-            acc = at::vec::fmadd(w, Vec::loadu(x + static_cast<int64_t>(col[k]) * ldx + j, n), acc);
-          }
-          acc.store(yr + j, n);
+        for (int64_t u = 0; u < U; ++u) acc[u].store(yr + j + u * V);
+      }
+      for (; j < j1; j += V) {
+        const int64_t n = std::min<int64_t>(V, j1 - j);
+        Vec acc(T(0));
+        for (int64_t k = k0; k < k1; ++k) {
+          const Vec w(vals[perm ? perm[k] : k]);
+          acc = at::vec::fmadd(w, Vec::loadu(x + static_cast<int64_t>(col[k]) * ldx + j, n), acc);
         }
+        acc.store(yr + j, n);
       }
     }
   });
@@ -110,8 +125,7 @@ void csr_matmul(const int32_t* rowptr, const int32_t* col, const int32_t* perm, 
 // y = W x for W in the blocked layout (sparsekern/formats.py BlockedPattern):
 // groups of kBlockRows rows share a column list, so each load of an input row
 // feeds kBlockRows accumulators, where CSR gets one FMA per load. bvals is the
-// zero-filled block storage [n_blocks, kBlockRows].
-constexpr int64_t kBlockRows = 4;
+// zero-filled block storage [n_blocks, kBlockRows] (block_values, mlp_program.h).
 
 template <typename T>
 void blocked_matmul(const int32_t* bptr, const int32_t* bcol, const T* bvals, const T* x,
@@ -123,58 +137,41 @@ void blocked_matmul(const int32_t* bptr, const int32_t* bcol, const T* bvals, co
   constexpr int64_t TILE = U * V;
   const int64_t n_groups = (n_rows + RB - 1) / RB;
   if (n_groups == 0 || N == 0) return;
-  const int64_t panel = panel_width<T>(n_in, N, V);
-  const int64_t n_panels = (N + panel - 1) / panel;
-  const int64_t threads = at::get_num_threads();
-  const int64_t want_blocks = std::max<int64_t>(1, (4 * threads + n_panels - 1) / n_panels);
-  const auto bounds = balanced_row_blocks(bptr, n_groups, want_blocks);
-  const int64_t n_blocks = static_cast<int64_t>(bounds.size()) - 1;
-  at::parallel_for(0, n_panels * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t j0 = (task / n_blocks) * panel;
-      const int64_t j1 = std::min(N, j0 + panel);
-      const int64_t blk = task % n_blocks;
-      for (int64_t g = bounds[blk]; g < bounds[blk + 1]; ++g) {
-        const int64_t r0 = g * RB, nr = std::min(RB, n_rows - r0);
-        const int64_t b0 = bptr[g], b1 = bptr[g + 1];
-        int64_t j = j0;
-        for (; j + TILE <= j1; j += TILE) {
-          Vec acc[RB][U];
-          for (int64_t i = 0; i < RB; ++i)
-            for (int64_t u = 0; u < U; ++u) acc[i][u] = Vec(T(0));
-          for (int64_t b = b0; b < b1; ++b) {
-            const T* xr = x + static_cast<int64_t>(bcol[b]) * ldx + j;
-            Vec xv[U];
-            for (int64_t u = 0; u < U; ++u) xv[u] = Vec::loadu(xr + u * V);
-            const T* w = bvals + b * RB;
-            for (int64_t i = 0; i < RB; ++i) {
-              const Vec wi(w[i]);
-              for (int64_t u = 0; u < U; ++u) acc[i][u] = at::vec::fmadd(wi, xv[u], acc[i][u]);
-            }
+  for_panel_tasks<T>(bptr, n_groups, n_in, N, V, [&](int64_t j0, int64_t j1, int64_t ga,
+                                                    int64_t gb) {
+    for (int64_t g = ga; g < gb; ++g) {
+      const int64_t r0 = g * RB, nr = std::min(RB, n_rows - r0);
+      const int64_t b0 = bptr[g], b1 = bptr[g + 1];
+      int64_t j = j0;
+      for (; j + TILE <= j1; j += TILE) {
+        Vec acc[RB][U];
+        for (int64_t i = 0; i < RB; ++i)
+          for (int64_t u = 0; u < U; ++u) acc[i][u] = Vec(T(0));
+        for (int64_t b = b0; b < b1; ++b) {
+          const T* xr = x + static_cast<int64_t>(bcol[b]) * ldx + j;
+          Vec xv[U];
+          for (int64_t u = 0; u < U; ++u) xv[u] = Vec::loadu(xr + u * V);
+          const T* w = bvals + b * RB;
+          for (int64_t i = 0; i < RB; ++i) {
+            const Vec wi(w[i]);
+            for (int64_t u = 0; u < U; ++u) acc[i][u] = at::vec::fmadd(wi, xv[u], acc[i][u]);
           }
-          for (int64_t i = 0; i < nr; ++i)
-            for (int64_t u = 0; u < U; ++u) acc[i][u].store(y + (r0 + i) * ldy + j + u * V);
         }
-        for (; j < j1; j += V) {
-          const int64_t n = std::min<int64_t>(V, j1 - j);
-          Vec acc[RB];
-          for (int64_t i = 0; i < RB; ++i) acc[i] = Vec(T(0));
-          for (int64_t b = b0; b < b1; ++b) {
-            const Vec xv = Vec::loadu(x + static_cast<int64_t>(bcol[b]) * ldx + j, n);
-            for (int64_t i = 0; i < RB; ++i) acc[i] = at::vec::fmadd(Vec(bvals[b * RB + i]), xv, acc[i]);
-          }
-          for (int64_t i = 0; i < nr; ++i) acc[i].store(y + (r0 + i) * ldy + j, n);
+        for (int64_t i = 0; i < nr; ++i)
+          for (int64_t u = 0; u < U; ++u) acc[i][u].store(y + (r0 + i) * ldy + j + u * V);
+      }
+      for (; j < j1; j += V) {
+        const int64_t n = std::min<int64_t>(V, j1 - j);
+        Vec acc[RB];
+        for (int64_t i = 0; i < RB; ++i) acc[i] = Vec(T(0));
+        for (int64_t b = b0; b < b1; ++b) {
+          const Vec xv = Vec::loadu(x + static_cast<int64_t>(bcol[b]) * ldx + j, n);
+          for (int64_t i = 0; i < RB; ++i) acc[i] = at::vec::fmadd(Vec(bvals[b * RB + i]), xv, acc[i]);
         }
+        for (int64_t i = 0; i < nr; ++i) acc[i].store(y + (r0 + i) * ldy + j, n);
       }
     }
   });
-}
-
-// The zero-filled block storage of CSR values: bvals[bslot[k]] = vals[k].
-inline Tensor block_values(const Tensor& vals, const Tensor& bcol, const Tensor& bslot) {
-  Tensor bvals = at::zeros({bcol.numel() * kBlockRows}, vals.options());
-  bvals.index_put_({bslot.to(at::kLong)}, vals);
-  return bvals;
 }
 
 // y = W x for a dense W [n_rows, n_in] with a handful of inputs (a flow's first
@@ -487,19 +484,71 @@ Tensor spmm_blocked(const Tensor& rowptr, const Tensor& col, const Tensor& rowpt
                     const Tensor& col_t, const Tensor& perm, const Tensor& vals, const Tensor& bptr,
                     const Tensor& bcol, const Tensor& bslot, const Tensor& x);
 
-// y = W x (or W^T x) into y (a view with unit column stride) for a dense, CSR or
-// blocked layer (1, 6 or 9 tensors); x may be a column slice of a larger matrix.
-void layer_matmul(const std::vector<Tensor>& layer, const Tensor& x, Tensor& y, bool transpose);
+// The CPU products of the shared loops and single ops (csrc/common/mlp_loop.h,
+// sparse_ops.h), for element type T.
+template <typename T>
+struct CpuProducts {
+  // The kernels address element (r, j) as r * stride(0) + j. A column stride only means
+  // something with two or more columns and a row: the transpose of a [1, n] state is a
+  // "contiguous" [n, 1] matrix whose stride(1) is n, and an empty one may have any
+  // strides, so B = 0 and 1 and zero-width layers must not be refused (sample(1) was).
+  static void check_operands(const Tensor& x, const Tensor& y) {
+    auto unit_columns = [](const Tensor& t) {
+      return t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1;
+    };
+    TORCH_CHECK(unit_columns(x) && unit_columns(y),
+                "sparsekern cpu backend: layer product operands need unit column stride, got x ",
+                x.sizes(), " with strides ", x.strides(), " and y ", y.sizes(), " with strides ",
+                y.strides());
+  }
 
+  void dense_product(const Tensor& w, const Tensor& x, Tensor& y, bool transpose) {
+    check_operands(x, y);
+    if (!transpose && w.size(1) <= kSmallK) {
+      small_k_matmul<T>(w.data_ptr<T>(), w.size(1), x.data_ptr<T>(), x.stride(0),
+                        y.data_ptr<T>(), y.stride(0), w.size(0), w.size(1), x.size(1));
+    } else {
+      at::mm_out(y, transpose ? w.t() : w, x);
+    }
+  }
+
+  void csr_product(const Tensor& rowptr, const Tensor& col, const Tensor* perm, const Tensor& vals,
+                   const Tensor& x, Tensor& y) {
+    check_operands(x, y);
+    csr_matmul<T>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
+                  perm ? perm->data_ptr<int32_t>() : nullptr, vals.data_ptr<T>(), x.data_ptr<T>(),
+                  x.stride(0), y.data_ptr<T>(), y.stride(0), rowptr.numel() - 1, x.size(0),
+                  x.size(1));
+  }
+
+  void blocked_product(const Layer& layer, const Tensor& x, Tensor& y) {
+    check_operands(x, y);
+    const Tensor bvals = sparsekern::block_values(layer);
+    blocked_matmul<T>(layer.bptr().data_ptr<int32_t>(), layer.bcol().data_ptr<int32_t>(),
+                      bvals.data_ptr<T>(), x.data_ptr<T>(), x.stride(0), y.data_ptr<T>(),
+                      y.stride(0), layer.n_out, layer.n_in, x.size(1));
+  }
+
+  Tensor sddmm(const Tensor& rowptr, const Tensor& col, const Tensor& a, const Tensor& b) {
+    Tensor out = at::empty({col.numel()}, a.options());
+    csr_sddmm<T>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(), a.data_ptr<T>(), a.size(1),
+                 b.data_ptr<T>(), b.size(1), out.data_ptr<T>(), a.size(0), b.size(0), a.size(1));
+    return out;
+  }
+};
+
+// The fused program's ABI: sparsekern/ops.py, csrc/common/mlp_program.h.
 std::tuple<Tensor, Tensor, std::vector<Tensor>> mlp_fwd(
-    const Tensor& x0, const Tensor& tan0, const Tensor& probe, const std::vector<Tensor>& weights,
-    const std::vector<Tensor>& scales, const std::vector<Tensor>& shifts,
-    const std::vector<int64_t>& layouts, int64_t act, bool exact, bool save);
+    const Tensor& x0, const Tensor& tan0, const Tensor& probe, const std::vector<Tensor>& values,
+    const std::vector<Tensor>& index, const std::vector<Tensor>& scales,
+    const std::vector<Tensor>& shifts, const std::vector<int64_t>& layouts, int64_t act,
+    bool exact, bool save);
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> mlp_bwd(
     const Tensor& grad_f, const Tensor& grad_div, const Tensor& x0, const Tensor& tan0,
-    const Tensor& probe, const std::vector<Tensor>& weights, const std::vector<Tensor>& scales,
-    const std::vector<Tensor>& shifts, const std::vector<int64_t>& layouts, int64_t act, bool exact,
+    const Tensor& probe, const std::vector<Tensor>& values, const std::vector<Tensor>& index,
+    const std::vector<Tensor>& scales, const std::vector<Tensor>& shifts,
+    const std::vector<int64_t>& layouts, int64_t act, bool exact,
     const std::vector<Tensor>& saved);
 
 }  // namespace cpu

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "sparsekern_cuda.h"
+
 namespace sparsekern {
 namespace cuda {
 
@@ -18,6 +20,29 @@ constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The C ABI's one entry per operation: fn(T()) with T the element type that
+// dtype names (float or double), or SK_ERR_DTYPE.
+template <typename Fn>
+int dispatch_dtype(sk_dtype dtype, Fn&& fn) {
+  switch (dtype) {
+    case SK_FLOAT32:
+      return fn(float());
+    case SK_FLOAT64:
+      return fn(double());
+  }
+  return SK_ERR_DTYPE;
+}
+
+// The typed view of a C ABI pointer (the dtype says which T).
+template <typename T>
+const T* typed(const void* p) {
+  return static_cast<const T*>(p);
+}
+template <typename T>
+T* typed(void* p) {
+  return static_cast<T*>(p);
+}
 
 // Precise libm functions per type (no fast-math intrinsics: the adaptive ODE
 // solvers downstream need the accuracy of the CPU reference).

@@ -177,16 +177,15 @@ int fused_fwd(const sk_mlp_program* prog, const T* x0s, const T* probe, T* f, T*
 
 extern "C" {
 
-int sk_fused_mlp_fwd_f32(const sk_mlp_program* prog, const float* x0s, const float* probe,
-                         float* f, float* div, int64_t B, int64_t K, int act, int exact,
-                         void* stream) {
-  return sparsekern::cuda::fused_fwd(prog, x0s, probe, f, div, B, K, act, exact, stream);
-}
-
-int sk_fused_mlp_fwd_f64(const sk_mlp_program* prog, const double* x0s, const double* probe,
-                         double* f, double* div, int64_t B, int64_t K, int act, int exact,
-                         void* stream) {
-  return sparsekern::cuda::fused_fwd(prog, x0s, probe, f, div, B, K, act, exact, stream);
+int sk_fused_mlp_fwd(sk_dtype dtype, const sk_mlp_program* prog, const void* x0s,
+                     const void* probe, void* f, void* div, int64_t B, int64_t K, int act,
+                     int exact, void* stream) {
+  namespace skc = sparsekern::cuda;
+  return skc::dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return skc::fused_fwd(prog, skc::typed<T>(x0s), skc::typed<T>(probe), skc::typed<T>(f),
+                          skc::typed<T>(div), B, K, act, exact, stream);
+  });
 }
 
 }  // extern "C"

@@ -171,44 +171,38 @@ namespace skc = sparsekern::cuda;
 
 extern "C" {
 
-int sk_mlp_epilogue_fwd_f32(const float* m, float* x, const float* scale, const float* shift,
-                            int64_t n, int64_t B, int64_t K, int act, void* stream) {
-  return skc::epilogue_fwd(m, x, scale, shift, n, B, K, act, stream);
+int sk_mlp_epilogue_fwd(sk_dtype dtype, const void* m, void* x, const void* scale,
+                        const void* shift, int64_t n, int64_t B, int64_t K, int act,
+                        void* stream) {
+  return skc::dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return skc::epilogue_fwd(skc::typed<T>(m), skc::typed<T>(x), skc::typed<T>(scale),
+                             skc::typed<T>(shift), n, B, K, act, stream);
+  });
 }
 
-int sk_mlp_epilogue_fwd_f64(const double* m, double* x, const double* scale, const double* shift,
-                            int64_t n, int64_t B, int64_t K, int act, void* stream) {
-  return skc::epilogue_fwd(m, x, scale, shift, n, B, K, act, stream);
+int sk_mlp_head_fwd(sk_dtype dtype, const void* m, void* f, void* div, const void* probe,
+                    const void* scale, const void* shift, int64_t d, int64_t B, int64_t K,
+                    int exact, void* stream) {
+  return skc::dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return skc::head_fwd(skc::typed<T>(m), skc::typed<T>(f), skc::typed<T>(div),
+                         skc::typed<T>(probe), skc::typed<T>(scale), skc::typed<T>(shift), d, B,
+                         K, exact, stream);
+  });
 }
 
-int sk_mlp_head_fwd_f32(const float* m, float* f, float* div, const float* probe,
-                        const float* scale, const float* shift, int64_t d, int64_t B, int64_t K,
-                        int exact, void* stream) {
-  return skc::head_fwd(m, f, div, probe, scale, shift, d, B, K, exact, stream);
-}
-
-int sk_mlp_head_fwd_f64(const double* m, double* f, double* div, const double* probe,
-                        const double* scale, const double* shift, int64_t d, int64_t B, int64_t K,
-                        int exact, void* stream) {
-  return skc::head_fwd(m, f, div, probe, scale, shift, d, B, K, exact, stream);
-}
-
-int sk_mlp_epilogue_bwd_f32(const float* m, const float* xbar, const float* grad_f,
-                            const float* grad_div, const float* probe, float* mbar,
-                            const float* scale, const float* shift, float* g_scale,
-                            float* g_shift, int64_t n, int64_t B, int64_t K, int act, int last,
-                            int exact, void* stream) {
-  return skc::epilogue_bwd(m, xbar, grad_f, grad_div, probe, mbar, scale, shift, g_scale,
-                           g_shift, n, B, K, act, last, exact, stream);
-}
-
-int sk_mlp_epilogue_bwd_f64(const double* m, const double* xbar, const double* grad_f,
-                            const double* grad_div, const double* probe, double* mbar,
-                            const double* scale, const double* shift, double* g_scale,
-                            double* g_shift, int64_t n, int64_t B, int64_t K, int act, int last,
-                            int exact, void* stream) {
-  return skc::epilogue_bwd(m, xbar, grad_f, grad_div, probe, mbar, scale, shift, g_scale,
-                           g_shift, n, B, K, act, last, exact, stream);
+int sk_mlp_epilogue_bwd(sk_dtype dtype, const void* m, const void* xbar, const void* grad_f,
+                        const void* grad_div, const void* probe, void* mbar, const void* scale,
+                        const void* shift, void* g_scale, void* g_shift, int64_t n, int64_t B,
+                        int64_t K, int act, int last, int exact, void* stream) {
+  return skc::dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return skc::epilogue_bwd(skc::typed<T>(m), skc::typed<T>(xbar), skc::typed<T>(grad_f),
+                             skc::typed<T>(grad_div), skc::typed<T>(probe), skc::typed<T>(mbar),
+                             skc::typed<T>(scale), skc::typed<T>(shift), skc::typed<T>(g_scale),
+                             skc::typed<T>(g_shift), n, B, K, act, last, exact, stream);
+  });
 }
 
 }  // extern "C"

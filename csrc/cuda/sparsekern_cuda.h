@@ -6,10 +6,13 @@
  * function: sparsekern/ref.py. Layout is feature-major: a batch of N vectors of
  * width n is an [n, N] row-major matrix with leading dimension ld >= N.
  *
+ * One entry per operation: its first argument, an sk_dtype, says whether the
+ * floating-point pointers (void*) are float or double.
+ *
  * Every function returns 0 on success, SK_ERR_UNSUPPORTED when the request is
- * outside what the kernel handles (the caller falls back), or a cudaError_t
- * code from the launch (sk_error_string names it). Launches are asynchronous on
- * `stream`.
+ * outside what the kernel handles (the caller falls back), SK_ERR_DTYPE for a
+ * dtype that is not an sk_dtype, or a cudaError_t code from the launch
+ * (sk_error_string names it). Launches are asynchronous on `stream`.
  */
 #ifndef SPARSEKERN_CUDA_H_
 #define SPARSEKERN_CUDA_H_
@@ -21,9 +24,15 @@ extern "C" {
 #endif
 
 #define SK_ERR_UNSUPPORTED (-1)
+/* The dtype argument is not an sk_dtype. */
+#define SK_ERR_DTYPE (-2)
 /* Most layers the fused MLP kernel takes, and its widest layer. */
 #define SK_MAX_LAYERS 16
 #define SK_FUSED_MAX_WIDTH 256
+
+/* The element type of every floating-point pointer of a call (void* below):
+ * float for SK_FLOAT32, double for SK_FLOAT64. Index arrays are int32_t. */
+typedef enum sk_dtype { SK_FLOAT32 = 0, SK_FLOAT64 = 1 } sk_dtype;
 
 const char* sk_error_string(int code);
 
@@ -32,12 +41,9 @@ const char* sk_error_string(int code);
  * vperm is NULL. row_order (optional, [n_rows]) is the order rows are handed to
  * warps: rows sorted by nnz, longest first, balance the load; NULL is 0..n-1.
  * Uses 16-byte vector loads when N, ldx, ldy and the pointers allow it. */
-int sk_csr_spmm_f32(const int32_t* rowptr, const int32_t* col, const int32_t* vperm,
-                    const int32_t* row_order, const float* vals, const float* x, int64_t ldx,
-                    float* y, int64_t ldy, int64_t n_rows, int64_t N, void* stream);
-int sk_csr_spmm_f64(const int32_t* rowptr, const int32_t* col, const int32_t* vperm,
-                    const int32_t* row_order, const double* vals, const double* x, int64_t ldx,
-                    double* y, int64_t ldy, int64_t n_rows, int64_t N, void* stream);
+int sk_csr_spmm(sk_dtype dtype, const int32_t* rowptr, const int32_t* col, const int32_t* vperm,
+                const int32_t* row_order, const void* vals, const void* x, int64_t ldx, void* y,
+                int64_t ldy, int64_t n_rows, int64_t N, void* stream);
 
 /* y = W x for W in the blocked layout (sparsekern/formats.py BlockedPattern):
  * group g holds rows [4g, 4g + 4) (SK_BLOCK_ROWS), its blocks bptr[g]..bptr[g+1]
@@ -45,21 +51,15 @@ int sk_csr_spmm_f64(const int32_t* rowptr, const int32_t* col, const int32_t* vp
  * not kept). Each input row loaded feeds four output rows. group_order
  * (optional) orders groups like row_order does rows. */
 #define SK_BLOCK_ROWS 4
-int sk_blocked_spmm_f32(const int32_t* bptr, const int32_t* bcol, const int32_t* group_order,
-                        const float* bvals, const float* x, int64_t ldx, float* y, int64_t ldy,
-                        int64_t n_rows, int64_t N, void* stream);
-int sk_blocked_spmm_f64(const int32_t* bptr, const int32_t* bcol, const int32_t* group_order,
-                        const double* bvals, const double* x, int64_t ldx, double* y,
-                        int64_t ldy, int64_t n_rows, int64_t N, void* stream);
+int sk_blocked_spmm(sk_dtype dtype, const int32_t* bptr, const int32_t* bcol,
+                    const int32_t* group_order, const void* bvals, const void* x, int64_t ldx,
+                    void* y, int64_t ldy, int64_t n_rows, int64_t N, void* stream);
 
 /* out[k] = <a[row_k, 0:N], b[col_k, 0:N]> for every kept entry k (the weight
  * gradient of W x at the kept places). */
-int sk_csr_sddmm_f32(const int32_t* rowptr, const int32_t* col, const int32_t* row_order,
-                     const float* a, int64_t lda, const float* b, int64_t ldb, float* out,
-                     int64_t n_rows, int64_t N, void* stream);
-int sk_csr_sddmm_f64(const int32_t* rowptr, const int32_t* col, const int32_t* row_order,
-                     const double* a, int64_t lda, const double* b, int64_t ldb, double* out,
-                     int64_t n_rows, int64_t N, void* stream);
+int sk_csr_sddmm(sk_dtype dtype, const int32_t* rowptr, const int32_t* col,
+                 const int32_t* row_order, const void* a, int64_t lda, const void* b, int64_t ldb,
+                 void* out, int64_t n_rows, int64_t N, void* stream);
 
 /* Per-layer epilogues of the fused MLP program (sparsekern/ref.py, mlp_fwd_ref).
  * Activation matrices are [n, (1 + K) B] with columns [h | v_1 | ... | v_K];
@@ -67,35 +67,25 @@ int sk_csr_sddmm_f64(const int32_t* rowptr, const int32_t* col, const int32_t* r
  *
  * Hidden layer: x = [sigma(a) | sigma'(a) * u], a = scale * m_h + shift,
  * u = scale * m_v. x may equal m. */
-int sk_mlp_epilogue_fwd_f32(const float* m, float* x, const float* scale, const float* shift,
-                            int64_t n, int64_t B, int64_t K, int act, void* stream);
-int sk_mlp_epilogue_fwd_f64(const double* m, double* x, const double* scale, const double* shift,
-                            int64_t n, int64_t B, int64_t K, int act, void* stream);
+int sk_mlp_epilogue_fwd(sk_dtype dtype, const void* m, void* x, const void* scale,
+                        const void* shift, int64_t n, int64_t B, int64_t K, int act,
+                        void* stream);
 
 /* Last layer: f = scale * m_h + shift ([d, B]) and div[b] = sum_k <probe_k[:, b],
  * scale * m_{v_k}[:, b]> (probe [K, d, B]; with exact, the unit probes: the trace). */
-int sk_mlp_head_fwd_f32(const float* m, float* f, float* div, const float* probe,
-                        const float* scale, const float* shift, int64_t d, int64_t B, int64_t K,
-                        int exact, void* stream);
-int sk_mlp_head_fwd_f64(const double* m, double* f, double* div, const double* probe,
-                        const double* scale, const double* shift, int64_t d, int64_t B, int64_t K,
-                        int exact, void* stream);
+int sk_mlp_head_fwd(sk_dtype dtype, const void* m, void* f, void* div, const void* probe,
+                    const void* scale, const void* shift, int64_t d, int64_t B, int64_t K,
+                    int exact, void* stream);
 
 /* Reverse of one layer's epilogue (mlp_bwd_ref): from the saved m and the
  * cotangent of the layer output (xbar; on the last layer grad_f [d, B] and
  * grad_div [B] with probe instead), writes mbar = scale * G ([n, (1+K) B]; may
  * equal xbar) and per row g_shift = sum G_h, g_scale = sum G * m (g_scale may be
  * NULL). One block per row: deterministic sums. */
-int sk_mlp_epilogue_bwd_f32(const float* m, const float* xbar, const float* grad_f,
-                            const float* grad_div, const float* probe, float* mbar,
-                            const float* scale, const float* shift, float* g_scale,
-                            float* g_shift, int64_t n, int64_t B, int64_t K, int act, int last,
-                            int exact, void* stream);
-int sk_mlp_epilogue_bwd_f64(const double* m, const double* xbar, const double* grad_f,
-                            const double* grad_div, const double* probe, double* mbar,
-                            const double* scale, const double* shift, double* g_scale,
-                            double* g_shift, int64_t n, int64_t B, int64_t K, int act, int last,
-                            int exact, void* stream);
+int sk_mlp_epilogue_bwd(sk_dtype dtype, const void* m, const void* xbar, const void* grad_f,
+                        const void* grad_div, const void* probe, void* mbar, const void* scale,
+                        const void* shift, void* g_scale, void* g_shift, int64_t n, int64_t B,
+                        int64_t K, int act, int last, int exact, void* stream);
 
 /* A dense MLP for the fused kernel: layer l maps widths[l] to widths[l+1]
  * features with weight[l] ([widths[l+1], widths[l]] row-major), an optional
@@ -117,12 +107,9 @@ typedef struct sk_mlp_program {
  * memory. SK_ERR_UNSUPPORTED when a width exceeds SK_FUSED_MAX_WIDTH, there are
  * more than SK_MAX_LAYERS layers, or the activations do not fit the device's
  * shared memory. */
-int sk_fused_mlp_fwd_f32(const sk_mlp_program* prog, const float* x0s, const float* probe,
-                         float* f, float* div, int64_t B, int64_t K, int act, int exact,
-                         void* stream);
-int sk_fused_mlp_fwd_f64(const sk_mlp_program* prog, const double* x0s, const double* probe,
-                         double* f, double* div, int64_t B, int64_t K, int act, int exact,
-                         void* stream);
+int sk_fused_mlp_fwd(sk_dtype dtype, const sk_mlp_program* prog, const void* x0s,
+                     const void* probe, void* f, void* div, int64_t B, int64_t K, int act,
+                     int exact, void* stream);
 
 #ifdef __cplusplus
 }

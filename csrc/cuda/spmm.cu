@@ -10,6 +10,8 @@
 // neighbouring warps of a block get rows of similar length and the long rows
 // start first, which balances skewed patterns without splitting rows (no
 // atomics, deterministic sums).
+#include <type_traits>
+
 #include "device_common.h"
 #include "sparsekern_cuda.h"
 
@@ -152,26 +154,36 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   }
 }
 
+// The launch of a product with one warp per row (or row group) of n_units and
+// per tile of 32 * VEC batch columns: VEC = 16 / sizeof(T) (16-byte loads) when N,
+// ldx, ldy and the pointers allow it, else 1. launch(vec, grid, block) queues
+// the kernel, vec a std::integral_constant<int, VEC>.
+template <typename T, typename Launch>
+int launch_row_product(int64_t n_units, int64_t N, const T* x, int64_t ldx, const T* y,
+                       int64_t ldy, Launch&& launch) {
+  if (n_units <= 0 || N <= 0) return 0;
+  constexpr int V = 16 / sizeof(T);
+  const bool vec = N % V == 0 && ldx % V == 0 && ldy % V == 0 && aligned16(x) && aligned16(y);
+  const int width = kWarp * (vec ? V : 1);
+  const dim3 grid(static_cast<unsigned>(ceil_div(n_units, kWarpsPerBlock)),
+                  static_cast<unsigned>(std::min(ceil_div(N, width), kMaxGridY)));
+  const dim3 block(kWarp * kWarpsPerBlock);
+  if (vec) {
+    launch(std::integral_constant<int, V>(), grid, block);
+  } else {
+    launch(std::integral_constant<int, 1>(), grid, block);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 template <typename T>
 int spmm(const int32_t* rowptr, const int32_t* col, const int32_t* vperm,
          const int32_t* row_order, const T* vals, const T* x, int64_t ldx, T* y, int64_t ldy,
          int64_t n_rows, int64_t N, void* stream) {
-  if (n_rows <= 0 || N <= 0) return 0;
-  constexpr int V = 16 / sizeof(T);
-  const bool vec = N % V == 0 && ldx % V == 0 && ldy % V == 0 && aligned16(x) && aligned16(y);
-  const int width = kWarp * (vec ? V : 1);
-  const dim3 grid(static_cast<unsigned>(ceil_div(n_rows, kWarpsPerBlock)),
-                  static_cast<unsigned>(std::min(ceil_div(N, width), kMaxGridY)));
-  const dim3 block(kWarp * kWarpsPerBlock);
-  auto s = static_cast<cudaStream_t>(stream);
-  if (vec) {
-    csr_spmm_kernel<T, V><<<grid, block, 0, s>>>(rowptr, col, vperm, row_order, vals, x, ldx, y,
-                                                 ldy, n_rows, N);
-  } else {
-    csr_spmm_kernel<T, 1><<<grid, block, 0, s>>>(rowptr, col, vperm, row_order, vals, x, ldx, y,
-                                                 ldy, n_rows, N);
-  }
-  return static_cast<int>(cudaGetLastError());
+  return launch_row_product(n_rows, N, x, ldx, y, ldy, [&](auto vec, dim3 grid, dim3 block) {
+    csr_spmm_kernel<T, decltype(vec)::value><<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(
+        rowptr, col, vperm, row_order, vals, x, ldx, y, ldy, n_rows, N);
+  });
 }
 
 template <typename T>
@@ -179,22 +191,12 @@ int blocked_spmm(const int32_t* bptr, const int32_t* bcol, const int32_t* group_
                  const T* bvals, const T* x, int64_t ldx, T* y, int64_t ldy, int64_t n_rows,
                  int64_t N, void* stream) {
   const int64_t n_groups = ceil_div(n_rows, SK_BLOCK_ROWS);
-  if (n_groups <= 0 || N <= 0) return 0;
-  constexpr int V = 16 / sizeof(T);
-  const bool vec = N % V == 0 && ldx % V == 0 && ldy % V == 0 && aligned16(x) && aligned16(y);
-  const int width = kWarp * (vec ? V : 1);
-  const dim3 grid(static_cast<unsigned>(ceil_div(n_groups, kWarpsPerBlock)),
-                  static_cast<unsigned>(std::min(ceil_div(N, width), kMaxGridY)));
-  const dim3 block(kWarp * kWarpsPerBlock);
-  auto s = static_cast<cudaStream_t>(stream);
-  if (vec) {
-    blocked_spmm_kernel<T, V><<<grid, block, 0, s>>>(bptr, bcol, group_order, bvals, x, ldx, y,
-                                                     ldy, n_rows, n_groups, N);
-  } else {
-    blocked_spmm_kernel<T, 1><<<grid, block, 0, s>>>(bptr, bcol, group_order, bvals, x, ldx, y,
-                                                     ldy, n_rows, n_groups, N);
-  }
-  return static_cast<int>(cudaGetLastError());
+  return launch_row_product(n_groups, N, x, ldx, y, ldy, [&](auto vec, dim3 grid, dim3 block) {
+    blocked_spmm_kernel<T, decltype(vec)::value>
+        <<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(bptr, bcol, group_order, bvals,
+                                                                 x, ldx, y, ldy, n_rows, n_groups,
+                                                                 N);
+  });
 }
 
 template <typename T>
@@ -224,50 +226,47 @@ int sddmm(const int32_t* rowptr, const int32_t* col, const int32_t* row_order, c
 }  // namespace sparsekern
 
 using sparsekern::cuda::blocked_spmm;
+using sparsekern::cuda::dispatch_dtype;
 using sparsekern::cuda::sddmm;
 using sparsekern::cuda::spmm;
+using sparsekern::cuda::typed;
 
 extern "C" {
 
 const char* sk_error_string(int code) {
   if (code == SK_ERR_UNSUPPORTED) return "not supported by this kernel";
+  if (code == SK_ERR_DTYPE) return "unknown sk_dtype (SK_FLOAT32 or SK_FLOAT64)";
   return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
 
-int sk_csr_spmm_f32(const int32_t* rowptr, const int32_t* col, const int32_t* vperm,
-                    const int32_t* row_order, const float* vals, const float* x, int64_t ldx,
-                    float* y, int64_t ldy, int64_t n_rows, int64_t N, void* stream) {
-  return spmm(rowptr, col, vperm, row_order, vals, x, ldx, y, ldy, n_rows, N, stream);
+int sk_csr_spmm(sk_dtype dtype, const int32_t* rowptr, const int32_t* col, const int32_t* vperm,
+                const int32_t* row_order, const void* vals, const void* x, int64_t ldx, void* y,
+                int64_t ldy, int64_t n_rows, int64_t N, void* stream) {
+  return dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return spmm(rowptr, col, vperm, row_order, typed<T>(vals), typed<T>(x), ldx, typed<T>(y),
+                ldy, n_rows, N, stream);
+  });
 }
 
-int sk_csr_spmm_f64(const int32_t* rowptr, const int32_t* col, const int32_t* vperm,
-                    const int32_t* row_order, const double* vals, const double* x, int64_t ldx,
-                    double* y, int64_t ldy, int64_t n_rows, int64_t N, void* stream) {
-  return spmm(rowptr, col, vperm, row_order, vals, x, ldx, y, ldy, n_rows, N, stream);
+int sk_blocked_spmm(sk_dtype dtype, const int32_t* bptr, const int32_t* bcol,
+                    const int32_t* group_order, const void* bvals, const void* x, int64_t ldx,
+                    void* y, int64_t ldy, int64_t n_rows, int64_t N, void* stream) {
+  return dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return blocked_spmm(bptr, bcol, group_order, typed<T>(bvals), typed<T>(x), ldx, typed<T>(y),
+                        ldy, n_rows, N, stream);
+  });
 }
 
-int sk_blocked_spmm_f32(const int32_t* bptr, const int32_t* bcol, const int32_t* group_order,
-                        const float* bvals, const float* x, int64_t ldx, float* y, int64_t ldy,
-                        int64_t n_rows, int64_t N, void* stream) {
-  return blocked_spmm(bptr, bcol, group_order, bvals, x, ldx, y, ldy, n_rows, N, stream);
-}
-
-int sk_blocked_spmm_f64(const int32_t* bptr, const int32_t* bcol, const int32_t* group_order,
-                        const double* bvals, const double* x, int64_t ldx, double* y,
-                        int64_t ldy, int64_t n_rows, int64_t N, void* stream) {
-  return blocked_spmm(bptr, bcol, group_order, bvals, x, ldx, y, ldy, n_rows, N, stream);
-}
-
-int sk_csr_sddmm_f32(const int32_t* rowptr, const int32_t* col, const int32_t* row_order,
-                     const float* a, int64_t lda, const float* b, int64_t ldb, float* out,
-                     int64_t n_rows, int64_t N, void* stream) {
-  return sddmm(rowptr, col, row_order, a, lda, b, ldb, out, n_rows, N, stream);
-}
-
-int sk_csr_sddmm_f64(const int32_t* rowptr, const int32_t* col, const int32_t* row_order,
-                     const double* a, int64_t lda, const double* b, int64_t ldb, double* out,
-                     int64_t n_rows, int64_t N, void* stream) {
-  return sddmm(rowptr, col, row_order, a, lda, b, ldb, out, n_rows, N, stream);
+int sk_csr_sddmm(sk_dtype dtype, const int32_t* rowptr, const int32_t* col,
+                 const int32_t* row_order, const void* a, int64_t lda, const void* b, int64_t ldb,
+                 void* out, int64_t n_rows, int64_t N, void* stream) {
+  return dispatch_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    return sddmm(rowptr, col, row_order, typed<T>(a), lda, typed<T>(b), ldb, typed<T>(out),
+                 n_rows, N, stream);
+  });
 }
 
 }  // extern "C"

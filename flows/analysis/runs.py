@@ -26,14 +26,8 @@ from flows.analysis.hessian import (
 from flows.analysis.settings import check_analysis_arguments
 from flows.checkpoint import check_output_dir, write_text_atomic
 from flows.odefunc import ODEFunc, exact_divergence
-from flows.pipeline import (
-    RunData,
-    Task,
-    load_cycle_model,
-    load_run_data,
-    read_results,
-    read_run_config,
-)
+from flows.pipeline import RunData, Task, load_cycle_model, load_run_data
+from flows.rundir import read_results, read_run_config
 
 MODES = {"gaussians": 6, "gaussianspiral": 10, "8gaussians": 8}
 HESSIAN_KEYS = ("lambda_max", "trace", "condition_number")

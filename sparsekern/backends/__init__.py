@@ -1,4 +1,243 @@
-"""Kernel backends behind the op registry (``sparsekern.ops``): cpu (C++), cuda (C++/CUDA).
+"""The backend registry: one record per backend, one function that resolves a choice.
 
-The ``ref`` backend is ``sparsekern.ref``; Triton kernels live in ``sparsekern.triton``.
+Every op of the registry (``sparsekern.ops``) takes a ``backend`` name and gets
+its implementation from ``kernel``; ``SparseConfig.backend`` is resolved to such
+a name by ``resolve`` (rule) or ``sparsekern.autotune.fastest_backend``
+(measurement). What a backend is lives only here:
+
+- "ref": any device, every precision (rounds bf16/fp16 operands itself),
+  ``sparsekern.ref``, the oracle;
+- "cpu": CPU tensors, exact, the C++ extension (``backends.cpu``, built on first use);
+- "triton": CUDA tensors (CPU under ``TRITON_INTERPRET=1``), every precision,
+  ``sparsekern.triton``;
+- "cuda": CUDA tensors, exact (TF32 for cuBLAS on request), the CUDA extension
+  (``backends.cuda``, nvcc).
+
+The choice is not a function of the device alone ("ref" and "cpu" both run on
+CPU tensors, "triton" and "cuda" on GPUs, and "auto" may measure which is
+faster), so the ops take the backend as an argument rather than registering a
+kernel per dispatch key.
 """
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
+
+import torch
+
+from sparsekern.precision import PRECISIONS
+
+BackendName = Literal["ref", "cpu", "triton", "cuda"]
+BACKENDS: tuple[BackendName, ...] = ("ref", "cpu", "triton", "cuda")
+PRECISIONS_EXACT = ("ieee", "tf32")  # tf32 is a permission; exact kernels ignore it
+
+# What backend="auto" tries on a device type, in order, before falling back to "ref".
+AUTO_ORDER: dict[str, tuple[BackendName, ...]] = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+# Device types on which "auto" with autotune measures its candidates (a constant for tests).
+MEASURED_DEVICE_TYPES = ("cuda",)
+
+
+def _ref() -> ModuleType:
+    from sparsekern import ref
+
+    return ref
+
+
+def _cpu() -> ModuleType:
+    from sparsekern.backends import cpu
+
+    return cpu
+
+
+def _cuda() -> ModuleType:
+    from sparsekern.backends import cuda
+
+    return cuda
+
+
+def _triton() -> ModuleType:
+    from sparsekern import triton as triton_backend
+
+    return triton_backend
+
+
+def _ready_always() -> str | None:
+    return None
+
+
+def _cpu_ready() -> str | None:
+    return None if _cpu().available() else "the C++ CPU kernels could not be built"
+
+
+def _triton_ready() -> str | None:
+    return None if _triton().available() else "triton does not import (or no CUDA device)"
+
+
+def _cuda_available() -> str | None:
+    return None if _cuda().available() else "the CUDA extension cannot be built here"
+
+
+def _cuda_ready() -> str | None:
+    # is_built first: "auto" must never start a minutes-long nvcc build, backend="cuda" does.
+    if not _cuda().is_built():
+        return "the CUDA extension is not built (backend='cuda' builds it)"
+    return _cuda_available()
+
+
+def _runs_on_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and _triton().interpreting())
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: where it runs, which product precisions it has, how it is loaded.
+
+    Attributes:
+        name: the name the ops take.
+        device_types: device types whose tensors it runs on (``runs_on`` refines).
+        precisions: the ``SparseConfig.precision`` values its MLP kernels implement.
+        ready: None when "auto" may pick it here now, else why not (no build started).
+        available: None when it can run here, if need be after a build, else why not
+            (defaults to ``ready``).
+        load: the module holding its kernels (``spmm``, ``sddmm``, ``mlp_fwd``, ...).
+        runs_on: whether it runs on tensors of a device (default: by device type).
+        kernel_suffix: appended to op names in ``load()`` ("_ref" for the references).
+    """
+
+    name: BackendName
+    device_types: tuple[str, ...]
+    precisions: tuple[str, ...]
+    ready: Callable[[], str | None]
+    load: Callable[[], Any]
+    runs_on: Callable[[torch.device], bool] | None = None
+    kernel_suffix: str = ""
+    available: Callable[[], str | None] | None = None
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why it cannot run on ``device`` here (None: it can), without building anything."""
+        if not self.supports(device):
+            return f"the {self.name} backend runs on {self.where()}"
+        return (self.available or self.ready)()
+
+    def supports(self, device: torch.device) -> bool:
+        if self.runs_on is not None:
+            return self.runs_on(device)
+        return "*" in self.device_types or device.type in self.device_types
+
+    def where(self) -> str:
+        if "*" in self.device_types:
+            return "tensors on any device"
+        if self.name == "triton":
+            return "CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+        return " or ".join(f"{t.upper()} tensors" for t in self.device_types)
+
+
+REGISTRY: dict[str, Backend] = {b.name: b for b in (
+    Backend("ref", ("*",), PRECISIONS, _ready_always, _ref, kernel_suffix="_ref"),
+    Backend("cpu", ("cpu",), PRECISIONS_EXACT, _cpu_ready, lambda: _cpu().extension()),
+    Backend("triton", ("cuda",), PRECISIONS, _triton_ready, _triton,
+            runs_on=_runs_on_triton),
+    Backend("cuda", ("cuda",), PRECISIONS_EXACT, _cuda_ready, lambda: _cuda().extension(),
+            available=_cuda_available),
+)}
+# Backends with bf16/fp16 products ("ref" rounds the operands as the kernels do).
+REDUCED_BACKENDS = tuple(sorted((name for name, b in REGISTRY.items() if "bf16" in b.precisions),
+                               key=lambda name: name == "ref"))
+
+
+def get(name: str) -> Backend:
+    """The record of backend ``name``; ValueError naming the known ones otherwise."""
+    if name not in REGISTRY:
+        raise ValueError(f"backend={name!r} is not one of {BACKENDS}")
+    return REGISTRY[name]
+
+
+def module(backend: str) -> Any:
+    """The module holding ``backend``'s kernels (loading, or building, an extension)."""
+    return get(backend).load()
+
+
+def kernel(name: str, backend: str, device: torch.device) -> Callable[..., Any]:
+    """The implementation of op ``name`` in ``backend``, after checking it runs on ``device``."""
+    record = get(backend)
+    if not record.supports(device):
+        raise ValueError(f"backend {backend!r} runs on {record.where()}, got tensors on {device}")
+    return getattr(record.load(), name + record.kernel_suffix)
+
+
+def check_precision_supported(backend: str, precision: str, what: str) -> None:
+    """ValueError naming ``what`` unless ``backend``'s kernels have ``precision`` products."""
+    if precision not in get(backend).precisions:
+        raise ValueError(f"{what}: backend {backend!r} has no {precision} products (exact "
+                         f"float32 only); use one of {REDUCED_BACKENDS} or precision='ieee'")
+
+
+def candidates(device_type: str, precision: str = "ieee") -> list[BackendName]:
+    """The backends "auto" may pick on ``device_type`` for ``precision`` now, in rule order.
+
+    Only backends that are ready without starting a build (``Backend.ready``): on
+    CUDA "triton" when it imports, "cuda" once its extension is built or cached.
+    """
+    return [name for name in AUTO_ORDER.get(device_type, ())
+            if precision in REGISTRY[name].precisions and REGISTRY[name].ready() is None]
+
+
+_resolved: dict[tuple[str, str], BackendName] = {}
+
+
+def resolve(choice: str, device: torch.device, precision: str = "ieee") -> str:
+    """The backend that runs on ``device`` for a ``SparseConfig.backend`` choice, by rule.
+
+    A named backend is itself. "auto": the first of ``candidates`` (on CPU the
+    C++ kernels, on CUDA Triton then the built CUDA extension), else "ref" with
+    a warning saying why (correct, not fast). Cached per (device type,
+    precision) for the process, so the warning comes once (``clear_cache``).
+    """
+    if choice != "auto":
+        get(choice)
+        return choice
+    key = (device.type, precision)
+    if key not in _resolved:
+        found = candidates(device.type, precision)
+        _resolved[key] = found[0] if found else "ref"
+        if not found and device.type in AUTO_ORDER:
+            _warn_fallback(device.type, precision)
+    return _resolved[key]
+
+
+def _warn_fallback(device_type: str, precision: str) -> None:
+    tried = [n for n in AUTO_ORDER[device_type] if precision in REGISTRY[n].precisions]
+    if not tried:
+        why = (f"precision={precision!r} products have kernels on CUDA (Triton); on "
+               f"{device_type} the plain PyTorch reference backend rounds them the same way")
+    else:
+        reasons = "; ".join(f"{n}: {REGISTRY[n].ready()}" for n in tried)
+        kind = "GPU" if device_type == "cuda" else device_type.upper()
+        why = (f"no {kind} backend for precision={precision!r} is ready ({reasons}); "
+               f"running the plain PyTorch reference backend")
+    warnings.warn(f"sparsekern: {why} (correct, not fast)", stacklevel=4)
+
+
+def clear_cache() -> None:
+    """Forget the rule's cached choices (after availability changed, in tests)."""
+    _resolved.clear()
+
+
+class BackendChoice:
+    """The backend a compiled field runs on, one object shared by the field and its layers.
+
+    Layers read ``name`` when they call a kernel, so a change of backend (``.to()``
+    to another device, a measured choice) reaches every layer without copying it.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"BackendChoice({self.name!r})"

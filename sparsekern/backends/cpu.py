@@ -1,68 +1,56 @@
 """The CPU backend: the C++ extension in csrc/cpu, built with ninja on first use and cached.
 
 Cached by a hash of the sources, the compiler flags (which carry the CPU's
-vector features) and the torch version (``sparsekern.backends.build``).
+vector features) and the torch version (``sparsekern.backends.build``); the
+sources are the checkout's csrc/ or an installed wheel's sparsekern/_csrc.
 ``make install`` builds it ahead (``python -m sparsekern.backends.cpu``).
 """
 
 from __future__ import annotations
 
 import functools
-import platform
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from sparsekern.backends.build import load_extension
-
-CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
-SOURCES = ("sparse_ops.cpp", "fused_mlp.cpp", "bindings.cpp")
-HEADERS = ("kernels.h", "../common/mlp_program.h")
-
-
-def _cpu_features() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+from sparsekern.backends.build import (
+    CPU,
+    CPU_LDFLAGS,
+    Build,
+    cpu_flags,
+    cxx_compiler,
+    load_extension,
+    ninja_available,
+    source_root,
+)
 
 
 def compile_flags() -> list[str]:
     """C++ flags: OpenMP (at::parallel_for), and AVX2/FMA vectors where the CPU has them."""
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_features():
-        # ATen's Vectorized<T> picks its AVX2 implementation (8 floats, Sleef math) from these.
-        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    return flags
+    return cpu_flags()
+
+
+def build() -> Build:
+    """This machine's build of the extension: sources, flags and cache folder (builds nothing)."""
+    return Build(CPU, source_root(), tuple(compile_flags()), torch.__version__, CPU_LDFLAGS)
 
 
 @functools.cache
 def extension() -> ModuleType:
-    """The compiled extension module (built on the first call in a fresh cache)."""
-    return load_extension(
-        "cpu",
-        CSRC,
-        SOURCES,
-        HEADERS,
-        cflags=compile_flags(),
-        ldflags=["-fopenmp"],
-        depends=torch.__version__,
-        fallback="'ref'",
-    )
+    """The compiled extension module: loaded from the cache, or built there first."""
+    return load_extension(build(), fallback="'ref'")
+
+
+def is_built() -> bool:
+    """Whether the extension is loaded or a cached build of these sources exists (no build)."""
+    return extension.cache_info().currsize > 0 or build().built() is not None
 
 
 def available() -> bool:
-    """Whether the extension builds and loads here."""
-    try:
-        extension()
-    except RuntimeError:
-        return False
-    return True
+    """Whether the extension is built or can be here: sources, a C++ compiler, ninja (no build)."""
+    if is_built():
+        return True
+    return not build().missing() and cxx_compiler() is not None and ninja_available()
 
 
 if __name__ == "__main__":

@@ -2,28 +2,33 @@
 
 Built with ninja and cached like the CPU backend (``sparsekern.backends.build``),
 keyed also by the torch and CUDA versions and the visible GPUs' compute
-capabilities. Needs a CUDA build of torch and a visible GPU. The kernels alone
-(no torch) build with CMakeLists.txt.
+capabilities. Needs a CUDA build of torch and a visible GPU. CMakeLists.txt
+builds the same extension (and the kernels alone) outside Python.
 """
 
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from sparsekern.backends.build import build_key, cache_dir, load_extension
-
-CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
-SOURCES = ("binding.cpp", "spmm.cu", "mlp_epilogue.cu", "fused_mlp.cu")
-HEADERS = ("sparsekern_cuda.h", "device_common.h", "../common/mlp_program.h")
+from sparsekern.backends.build import (
+    CUDA,
+    Build,
+    cuda_flags,
+    cxx_compiler,
+    load_extension,
+    ninja_available,
+    source_root,
+)
 
 
 def compile_flags() -> tuple[list[str], list[str]]:
     """(C++ flags, nvcc flags). No fast-math: results must match the CPU reference."""
-    return ["-O3", "-std=c++17"], ["-O3", "-std=c++17", "-lineinfo"]
+    return cuda_flags()
 
 
 def _capabilities() -> list[tuple[int, int]]:
@@ -39,9 +44,23 @@ def _usable_torch() -> bool:
     return torch.version.cuda is not None and torch.cuda.is_available()
 
 
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME and (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return str(Path(CUDA_HOME) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def build() -> Build:
+    """This machine's build of the extension (needs a CUDA torch and a GPU; builds nothing)."""
+    cflags, nvcc_flags = compile_flags()
+    return Build(CUDA, source_root(), tuple(cflags), _depends(), cuda_flags=tuple(nvcc_flags))
+
+
 @functools.cache
 def extension() -> ModuleType:
-    """The compiled binding (``spmm``, ``sddmm``, ``mlp_fwd``, ``mlp_bwd``); built on first call.
+    """The compiled binding (``spmm``, ``sddmm``, ``mlp_fwd``, ``mlp_bwd``): loaded or built.
 
     Raises:
         RuntimeError: torch has no CUDA, no GPU is visible, the sources are
@@ -53,44 +72,25 @@ def extension() -> ModuleType:
             f"is {torch.__version__}, CUDA {torch.version.cuda}, cuda available: "
             f"{torch.cuda.is_available()}); use backend='cpu' or 'ref'"
         )
-    cflags, cuda_flags = compile_flags()
-    return load_extension(
-        "cuda",
-        CSRC,
-        SOURCES,
-        HEADERS,
-        cflags=cflags,
-        cuda_flags=cuda_flags,
-        depends=_depends(),
-        fallback="'triton' or 'ref'",
-    )
+    return load_extension(build(), fallback="'triton' or 'ref'")
 
 
 def is_built() -> bool:
-    """Whether the extension is loaded or its cached build exists for this torch, CUDA and GPUs.
+    """Whether the extension is loaded or cached for this torch, CUDA and GPUs (builds nothing).
 
-    Never builds anything (backend="auto" uses this: it must not start an nvcc
-    build of minutes); ``extension()`` builds on first use.
+    backend="auto" uses this: it must not start an nvcc build of minutes.
     """
     if extension.cache_info().currsize:
         return True
-    if not _usable_torch():
-        return False
-    files = (*SOURCES, *HEADERS)
-    if not all((CSRC / f).is_file() for f in files):
-        return False
-    cflags, cuda_flags = compile_flags()
-    key = build_key(CSRC, files, [*cflags, *cuda_flags], _depends())
-    return any((cache_dir() / f"cuda_{key}").glob("*.so"))
+    return _usable_torch() and build().built() is not None
 
 
 def available() -> bool:
-    """Whether the extension builds and loads here (a CUDA torch and a GPU are needed)."""
-    try:
-        extension()
-    except RuntimeError:
-        return False
-    return True
+    """Whether it is built or can be: CUDA torch, a GPU, sources, nvcc, C++, ninja (no build)."""
+    if is_built():
+        return True
+    return (_usable_torch() and not build().missing() and _nvcc() is not None
+            and cxx_compiler() is not None and ninja_available())
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ signatures of their references in ``sparsekern.ref`` (without the ``_ref``
 suffix); the MLP ones take a keyword-only ``precision`` (``sparsekern.precision``;
 default "ieee": fp32 products are exact IEEE, as adaptive solvers need). Kernels live in
 ``k_spmm`` (CSR and blocked x dense), ``k_sddmm`` (weight gradient at the kept
-places) and ``k_fused_mlp`` (the fused forward + JVP program and its backward;
-a general per-layer path for sparse or wide layers). They run compiled on CUDA
+places), ``k_fused_mlp`` (the fused forward + JVP program and its backward in one
+launch each) and ``k_mlp_layers`` (the same per layer, for sparse or wide layers),
+the last two sharing ``epilogue``'s jit math; ``launch`` holds the launch rules
+and the ahead-of-time signatures. They run compiled on CUDA
 tensors; on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``
 set before triton is imported), which is how the CPU test suite checks them
 against the references.
@@ -15,8 +17,12 @@ against the references.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sparsekern.triton.launch import AotVariant
 
 __all__ = ["aot_compile", "aot_variants", "available", "interpreting", "mlp_bwd", "mlp_fwd",
            "sddmm", "spmm", "spmm_blocked"]
@@ -82,42 +88,58 @@ def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Ten
 
 
 def mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
-            weights: list[torch.Tensor], scales: list[torch.Tensor], shifts: list[torch.Tensor],
-            layouts: list[int], act: int, exact: bool, save: bool, *, precision: str = "ieee"
-            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+            values: list[torch.Tensor], index: list[torch.Tensor], scales: list[torch.Tensor],
+            shifts: list[torch.Tensor], layouts: list[int], act: int, exact: bool, save: bool, *,
+            precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The fused forward + JVP program: ``sparsekern.ref.mlp_fwd_ref``.
 
-    Dense programs whose widths are all <= 256 run as one fused launch; others
-    (CSR layers, wider layers) per layer. Returns f [d, B], div [B] and, with
-    ``save``, [M_1..M_L, X_1..X_{L-1}] (each [n_l, (1 + K) B]).
+    Dense programs whose widths are all <= 256 run as one fused launch
+    (``k_fused_mlp``); others (csr or blocked layers, wider layers) per layer
+    (``k_mlp_layers``). Returns f [d, B], div [B] and, with ``save``,
+    [M_1..M_L, X_1..X_{L-1}] (each [n_l, (1 + K) B]).
     """
-    from sparsekern.triton import k_fused_mlp
+    from sparsekern.formats import decode_program
+    from sparsekern.triton import k_fused_mlp, k_mlp_layers
+    from sparsekern.triton.launch import check_mlp
 
-    return k_fused_mlp.mlp_fwd(x0, tan0, probe, weights, scales, shifts, layouts, act, exact,
-                               save, precision=precision)
+    check_mlp(x0, tan0, probe, values, index, scales, shifts, layouts, act, exact)
+    layers = decode_program(values, index, layouts)
+    run = (k_fused_mlp.fused_forward if k_fused_mlp.fused_eligible(x0, layers)
+           else k_mlp_layers.layers_forward)
+    return run(x0, tan0, probe, layers, scales, shifts, act, exact, save, precision=precision)
 
 
 def mlp_bwd(grad_f: torch.Tensor, grad_div: torch.Tensor, x0: torch.Tensor, tan0: torch.Tensor,
-            probe: torch.Tensor, weights: list[torch.Tensor], scales: list[torch.Tensor],
-            shifts: list[torch.Tensor], layouts: list[int], act: int, exact: bool,
-            saved: list[torch.Tensor], *, precision: str = "ieee"
+            probe: torch.Tensor, values: list[torch.Tensor], index: list[torch.Tensor],
+            scales: list[torch.Tensor], shifts: list[torch.Tensor], layouts: list[int], act: int,
+            exact: bool, saved: list[torch.Tensor], *, precision: str = "ieee"
             ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Reverse mode of ``mlp_fwd``: ``sparsekern.ref.mlp_bwd_ref``.
+    """Reverse mode of ``mlp_fwd``: ``sparsekern.ref.mlp_bwd_ref``, on the same path.
 
-    Returns grad_x0 [n0, B], and per layer the weight gradient ([n_l, n_{l-1}],
-    or [nnz] for CSR), the scale gradient (empty where there is no scale) and
-    the shift gradient [n_l].
+    Returns grad_x0 [n0, B], and per layer the gradient of its values ([n_l, n_{l-1}],
+    or [nnz] for csr and blocked), the scale gradient (empty where there is no scale)
+    and the shift gradient [n_l].
     """
-    from sparsekern.triton import k_fused_mlp
+    from sparsekern.formats import decode_program
+    from sparsekern.triton import k_fused_mlp, k_mlp_layers
+    from sparsekern.triton.launch import check_mlp
 
-    return k_fused_mlp.mlp_bwd(grad_f, grad_div, x0, tan0, probe, weights, scales, shifts,
-                               layouts, act, exact, saved, precision=precision)
+    check_mlp(x0, tan0, probe, values, index, scales, shifts, layouts, act, exact,
+              grad_f=grad_f, grad_div=grad_div, saved=saved)
+    layers = decode_program(values, index, layouts)
+    run = (k_fused_mlp.fused_backward if k_fused_mlp.fused_eligible(x0, layers)
+           else k_mlp_layers.layers_backward)
+    return run(grad_f, grad_div, x0, tan0, probe, layers, scales, shifts, act, exact, saved,
+               precision=precision)
 
 
 def aot_variants(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
                  acts: tuple[int, ...] | None = None, precision: str = "ieee"
-                 ) -> list[tuple[object, dict, dict]]:
+                 ) -> list[AotVariant]:
     """(kernel, signature, constexprs) of every Triton kernel as the wrappers launch it.
+
+    Each module lists its kernels' constexpr variants; the signatures are derived
+    from the kernels' own parameters (``launch.aot_variant``).
 
     Args:
         dtypes: element types to build each kernel for.
@@ -127,16 +149,16 @@ def aot_variants(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64
             as launched for it on a GPU (float32 only; float64 stays IEEE).
     """
     from sparsekern.activations import ACT_IDS
-    from sparsekern.triton import k_fused_mlp, k_sddmm, k_spmm
+    from sparsekern.triton import k_fused_mlp, k_mlp_layers, k_sddmm, k_spmm
 
     acts = (ACT_IDS["tanh"],) if acts is None else acts
     return [v for dtype in dtypes for v in (*k_spmm.aot_variants(dtype),
                                             *k_sddmm.aot_variants(dtype),
-                                            *k_fused_mlp.aot_variants(dtype, acts,
-                                                                      precision))]
+                                            *k_fused_mlp.aot_variants(dtype, acts, precision),
+                                            *k_mlp_layers.aot_variants(dtype, acts))]
 
 
-def aot_compile(arch: int, variants: list[tuple[object, dict, dict]] | None = None
+def aot_compile(arch: int, variants: list[AotVariant] | None = None
                 ) -> dict[str, object]:
     """Compile Triton kernels ahead of time for ``sm_<arch>``; no GPU or driver is needed.
 

@@ -17,9 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsekern.ref import sddmm_ref
 from sparsekern.triton.launch import (
-    AOT_DTYPES,
+    AotRule,
+    AotVariant,
+    aot_variant,
     check_device,
     check_float,
     check_index,
@@ -28,7 +29,7 @@ from sparsekern.triton.launch import (
     search_iters,
 )
 
-__all__ = ["aot_variants", "sddmm", "sddmm_ref"]
+__all__ = ["aot_variants", "sddmm"]
 
 
 @triton.jit(do_not_specialize=["N", "lda", "ldb", "n_per_split"])
@@ -113,12 +114,11 @@ def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Ten
     return out if splits == 1 else out.sum(0)
 
 
-def aot_variants(dtype: torch.dtype) -> list[tuple[object, dict[str, str], dict[str, object]]]:
+_SDDMM_RULE = AotRule(ints=("n_rows", "nnz", "N", "lda", "ldb", "n_per_split", "N_ITERS"),
+                      index=("rowptr", "col"))
+
+
+def aot_variants(dtype: torch.dtype) -> list[AotVariant]:
     """(kernel, signature, constexprs) of every compiled variant, for ahead-of-time checks."""
-    t = AOT_DTYPES[dtype]
     block_k, block_n, _ = _config(4096, 1024, dtype)
-    sig = {"rowptr": "*i32", "col": "*i32", "a": f"*{t}", "b": f"*{t}", "out": f"*{t}",
-           "n_rows": "i32", "nnz": "i32", "N": "i32", "lda": "i32", "ldb": "i32",
-           "n_per_split": "i32", "N_ITERS": "i32", "BLOCK_K": "constexpr",
-           "BLOCK_N": "constexpr"}
-    return [(_sddmm_kernel, sig, {"BLOCK_K": block_k, "BLOCK_N": block_n})]
+    return [aot_variant(_sddmm_kernel, dtype, _SDDMM_RULE, BLOCK_K=block_k, BLOCK_N=block_n)]

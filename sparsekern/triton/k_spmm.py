@@ -27,9 +27,10 @@ import triton
 import triton.language as tl
 
 from sparsekern.formats import BLOCK_ROWS, BlockedPattern
-from sparsekern.ref import spmm_blocked_ref, spmm_ref
 from sparsekern.triton.launch import (
-    AOT_DTYPES,
+    AotRule,
+    AotVariant,
+    aot_variant,
     check_device,
     check_float,
     check_index,
@@ -38,8 +39,7 @@ from sparsekern.triton.launch import (
     search_iters,
 )
 
-__all__ = ["aot_variants", "spmm", "spmm_blocked", "spmm_blocked_into", "spmm_blocked_ref",
-           "spmm_into", "spmm_ref"]
+__all__ = ["aot_variants", "spmm", "spmm_blocked", "spmm_blocked_into", "spmm_into"]
 
 
 @triton.jit
@@ -248,22 +248,15 @@ def spmm(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor, col_t:
     return spmm_into(rowptr, col, None, vals.contiguous(), x, y)
 
 
-def aot_variants(dtype: torch.dtype) -> list[tuple[object, dict[str, str], dict[str, object]]]:
+_SCALARS = ("n_rows", "N", "ldx", "ldy", "total", "n_blocks", "N_ITERS")
+_SPMM_RULE = AotRule(ints=_SCALARS, index=("rowptr", "col", "perm"))
+_BLOCKED_RULE = AotRule(ints=(*_SCALARS, "n_groups"), index=("bptr", "bcol"))
+
+
+def aot_variants(dtype: torch.dtype) -> list[AotVariant]:
     """(kernel, signature, constexprs) of every compiled variant, for ahead-of-time checks."""
-    t = AOT_DTYPES[dtype]
     block_k, block_n, _ = _config(1024, dtype)
-    out = []
-    for has_perm in (False, True):
-        sig = {"rowptr": "*i32", "col": "*i32", "perm": "*i32", "vals": f"*{t}", "x": f"*{t}",
-               "y": f"*{t}", "n_rows": "i32", "N": "i32", "ldx": "i32", "ldy": "i32",
-               "total": "i32", "n_blocks": "i32", "N_ITERS": "i32", "HAS_PERM": "constexpr",
-               "BLOCK_K": "constexpr", "BLOCK_N": "constexpr"}
-        out.append((_spmm_kernel, sig,
-                    {"HAS_PERM": has_perm, "BLOCK_K": block_k, "BLOCK_N": block_n}))
-    sig = {"bptr": "*i32", "bcol": "*i32", "bvals": f"*{t}", "x": f"*{t}", "y": f"*{t}",
-           "n_rows": "i32", "n_groups": "i32", "N": "i32", "ldx": "i32", "ldy": "i32",
-           "total": "i32", "n_blocks": "i32", "N_ITERS": "i32", "BLOCK_K": "constexpr",
-           "BLOCK_N": "constexpr"}
-    out.append((_spmm_blocked_kernel, sig,
-                {"BLOCK_K": max(1, block_k // BLOCK_ROWS), "BLOCK_N": block_n}))
-    return out
+    return [*(aot_variant(_spmm_kernel, dtype, _SPMM_RULE, HAS_PERM=has_perm, BLOCK_K=block_k,
+                          BLOCK_N=block_n) for has_perm in (False, True)),
+            aot_variant(_spmm_blocked_kernel, dtype, _BLOCKED_RULE,
+                        BLOCK_K=max(1, block_k // BLOCK_ROWS), BLOCK_N=block_n)]

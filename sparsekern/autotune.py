@@ -1,4 +1,6 @@
-"""Per-layer layout choice for ``layout="auto"``: measure the candidates, keep the fastest.
+"""Choices made by measurement: each layer's layout, and a field's GPU backend.
+
+Layouts (``layout="auto"``, ``choose_layout``).
 
 A cost model fitted once cannot know how a given machine's BLAS compares with
 our CSR kernel at a given shape and density, so the model is the measurement
@@ -7,17 +9,28 @@ batch of ``batch_hint`` columns (state plus one tangent, as the fused tier
 does), a few times, and the median wins. Clear cases skip the measurement:
 above ``DENSE_ABOVE`` density the dense GEMM wins, below ``CSR_BELOW`` CSR does.
 Results are cached per (shape, nnz, batch, dtype, backend) for the process.
+
+Backends (``backend="auto"`` on CUDA with ``autotune``, ``fastest_backend``):
+each candidate runs the field's own ``forward_and_divergence`` once timed; the
+fastest is cached per (device, field structure, candidates, batch).
+
+Both kinds of result live in one process-wide table, ``MEASURED``.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from sparsekern.formats import BlockedPattern, CSRPattern
+
+if TYPE_CHECKING:
+    from sparsekern.field import CompiledField
 
 DENSE_ABOVE = 0.5
 CSR_BELOW = 0.05
@@ -26,7 +39,8 @@ CSR_BELOW = 0.05
 RULE_DENSE_ABOVE = 0.25
 REPEATS = 5
 
-_cache: dict[tuple, str] = {}
+# ("layout", ...) or ("backend", ...) -> the choice measured fastest, for the process.
+MEASURED: dict[tuple, str] = {}
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device) -> float:
@@ -43,23 +57,6 @@ def median_seconds(fn: Callable[[], object], device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _kernels(backend: str):
-    """The module whose ``spmm`` and ``spmm_blocked`` a backend runs (None for ref)."""
-    if backend == "cpu":
-        from sparsekern.backends import cpu
-
-        return cpu.extension()
-    if backend == "triton":
-        from sparsekern import triton as triton_backend
-
-        return triton_backend
-    if backend == "cuda":
-        from sparsekern.backends import cuda
-
-        return cuda.extension()
-    return None
-
-
 def measure_layouts(mask: torch.Tensor, n_batch: int, dtype: torch.dtype, backend: str) -> (
     dict[str, float]
 ):
@@ -69,8 +66,10 @@ def measure_layouts(mask: torch.Tensor, n_batch: int, dtype: torch.dtype, backen
     x = torch.randn(c, n_batch, dtype=dtype, device=device)
     w = torch.randn(r, c, dtype=dtype, device=device) * mask
     out = {"dense": median_seconds(lambda: w @ x, device)}
-    module = _kernels(backend)
-    if module is not None:
+    if backend != "ref":
+        from sparsekern.backends import module as backend_module
+
+        module = backend_module(backend)
         p = CSRPattern.from_mask(mask)
         b = BlockedPattern.from_csr(p)
         vals = w[mask]
@@ -96,8 +95,46 @@ def choose_layout(mask: torch.Tensor, n_batch: int, dtype: torch.dtype, backend:
         return "csr"
     if backend == "ref" or not measure:
         return "dense" if density >= RULE_DENSE_ABOVE else "csr"
-    key = (r, c, nnz, n_batch, dtype, backend, mask.device.type)
-    if key not in _cache:
+    key = ("layout", r, c, nnz, n_batch, dtype, backend, mask.device.type)
+    if key not in MEASURED:
         times = measure_layouts(mask, n_batch, dtype, backend)
-        _cache[key] = min(times, key=times.get)
-    return _cache[key]
+        MEASURED[key] = min(times, key=times.__getitem__)
+    return MEASURED[key]
+
+
+def fastest_backend(field: CompiledField, candidates: tuple[str, ...], key: tuple,
+                    device: torch.device) -> str | None:
+    """The fastest of ``candidates`` for ``field``'s ``forward_and_divergence``, measured once.
+
+    Args:
+        field: the compiled field; its ``_sample_call(batch, generator)`` gives
+            (t, z, noise) at ``config.batch_hint`` (None: nothing to measure).
+        candidates: backend names that run on ``device``.
+        key: what the choice depends on (``field._backend_key()``).
+
+    Returns:
+        The measured (or cached) choice, or None when the field has no sample
+        input. A backend that fails is left out with a warning; the field is
+        left on the choice.
+    """
+    cache_key = ("backend", str(device), key, candidates, field.config.batch_hint)
+    if cache_key not in MEASURED:
+        gen = torch.Generator(device=device).manual_seed(0)
+        sample = field._sample_call(field.config.batch_hint, gen)
+        if sample is None:
+            return None
+        rule = field.backend
+        times: dict[str, float] = {}
+        with torch.no_grad():
+            for backend in candidates:
+                field._set_backend(backend)
+                try:
+                    times[backend] = median_seconds(
+                        lambda: field.forward_and_divergence(*sample), device)
+                except Exception as exc:
+                    warnings.warn(f"sparsekern: backend {backend!r} failed on "
+                                  f"{type(field.source).__name__} while choosing the fastest "
+                                  f"GPU backend ({type(exc).__name__}: {exc}); left out",
+                                  stacklevel=3)
+        MEASURED[cache_key] = min(times, key=times.__getitem__) if times else rule
+    return MEASURED[cache_key]
