@@ -94,6 +94,21 @@ def test_auto_on_cpu_is_the_cpu_extension_or_ref_with_a_warning(monkeypatch):
         assert backends.resolve("auto", torch.device("cpu")) == "ref"
 
 
+def test_auto_on_cpu_falls_back_to_ref_when_the_build_fails(monkeypatch):
+    # The toolchain is there, but the build breaks (a compiler error): "auto" says why
+    # and runs the reference, rather than failing the first call.
+    from sparsekern.backends import cpu as cpu_backend
+
+    def broken():
+        raise RuntimeError("ninja: build stopped: subcommand failed")
+
+    monkeypatch.setattr(cpu_backend, "available", lambda: True)
+    monkeypatch.setattr(cpu_backend, "extension", broken)
+    with pytest.warns(UserWarning, match=r"C\+\+ CPU kernels could not be built "
+                                         r"\(RuntimeError: ninja: build stopped"):
+        assert backends.resolve("auto", torch.device("cpu")) == "ref"
+
+
 def test_forced_backends_are_taken_as_given(monkeypatch):
     _mock_availability(monkeypatch, triton=False, cuda_built=False)
     for choice in ("ref", "cpu", "triton", "cuda"):

@@ -70,7 +70,16 @@ def _ready_always() -> str | None:
 
 
 def _cpu_ready() -> str | None:
-    return None if _cpu().available() else "the C++ CPU kernels could not be built"
+    # Unlike nvcc's minutes, the CPU build (a minute, once per machine, cached) is part of
+    # "auto" on a CPU: a build that fails falls back to "ref" with the reason, rather
+    # than failing the first call.
+    if not _cpu().available():
+        return "the C++ CPU kernels could not be built (no C++ compiler or ninja here)"
+    try:
+        _cpu().extension()
+    except Exception as exc:
+        return f"the C++ CPU kernels could not be built ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _triton_ready() -> str | None:
