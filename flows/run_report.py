@@ -23,6 +23,16 @@ from flows.rundir import read_run
 # ---------------------------------------------------------------- results.md and plots/
 
 
+def _save_figure(fig: Any, path: str | Path, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` (making its folder) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def _pyplot() -> Any:
     """matplotlib.pyplot, headless (figures go to files, never to a window), imported on use."""
     import matplotlib
@@ -149,12 +159,7 @@ def plot_metric_vs_ratio(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, dpi=100)
 
 
 @torch.no_grad()
@@ -214,12 +219,7 @@ def plot_density_cycles(
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, dpi=90)
 
 
 def write_run_report(

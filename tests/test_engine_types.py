@@ -5,22 +5,11 @@ from __future__ import annotations
 import typing
 
 import pytest
-import torch
+from test_backend_select import _Residual  # not an MLP: the generic tier compiles it
 from torch import nn
 
 from sparsekern import SparseConfig, compile_sparse
 from sparsekern.field import FieldContract
-
-
-class _Residual(nn.Module):
-    """Not an MLP: the generic tier compiles it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(3, 3)
-
-    def forward(self, t, z):
-        return z + torch.tanh(self.lin(z))
 
 
 @pytest.mark.parametrize("tier", ("fused", "generic"))
