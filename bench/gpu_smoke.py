@@ -153,7 +153,7 @@ def solve_row(case_name: str, backend: str, dtype_name: str, device_name: str, b
     import torch
 
     from bench.cases import build_field, build_flow, select_cases
-    from sparsekern import SparseConfig, compile_sparse
+    from sparsekern import SparseConfig, compile_sparse, compiled_fields
     from sparsekern.linear import CoreMatrix
 
     dtype = {"float32": torch.float32, "float64": torch.float64}[dtype_name]
@@ -181,8 +181,8 @@ def solve_row(case_name: str, backend: str, dtype_name: str, device_name: str, b
         row["compile_s"] = time.perf_counter() - t0
         _fix_noise(fast, noise)
         row["layouts"] = [m.layout for m in fast.modules() if isinstance(m, CoreMatrix)]
-        used = {getattr(m, "backend", None) for m in fast.modules()} - {None}
-        row["backend_used"] = sorted(str(b) for b in used) or None
+        used = {f.backend for f in compiled_fields(fast)}
+        row["backend_used"] = sorted(used) or None
         lp_fast, nfe_fast, row["first_solve_s"] = _timed_log_prob(fast, x, device)
         lp_fast, nfe_fast2, t_fast = _timed_log_prob(fast, x, device)
         lp, nfe, t_dense = _timed_log_prob(flow, x, device)

@@ -1,7 +1,7 @@
 """One run's own report: results.md (the rows as a table) and the plots under plots/.
 
-Used by ``flows.pipeline`` after every cycle and by ``flows.report`` across runs;
-imports neither.
+Used by ``flows.pipeline`` at the end of a run and by ``flows.report`` across
+runs; imports neither.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from typing import cast
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from sparsekern import ops
 from sparsekern.activations import ACT_FNS, ACT_IDS
@@ -174,6 +175,20 @@ class FusedLayer(nn.Module):
                             self.time_weight) if k is not None]
 
 
+# Optimiser steps in this process. A fused optimiser (Adam(fused=True)) updates the
+# kept values without bumping their version counters, so the no-grad input cache
+# (FusedMLP._op_inputs) also keys on this count.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object
+                          ) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class _GraphPrimitives(Primitives):
     """The program's forward primitives for f with autograd: registered differentiable
     ops (``linear.program_matmul``) and torch's activations, no tangent columns.
@@ -208,7 +223,8 @@ class FusedMLP(CompiledField):
     the same op with no tangent; with gradients it runs the program's layer loop
     (``program.program_forward``) on differentiable primitives (``_GraphPrimitives``),
     so autograd works to any order. The op's ``index`` list is constant
-    (``_index_list``); its ``values`` (``CoreMatrix.op_value``) are per call.
+    (``_index_list``); its ``values`` (``CoreMatrix.op_value``) are built per call,
+    or reused between calls that record no graph (``_op_inputs``).
     """
 
     tier = "fused"
@@ -239,7 +255,8 @@ class FusedMLP(CompiledField):
         self.register_buffer("cols0", plan[0]["cols"], persistent=False)
         self.all_cols0 = plan[0]["cols"].numel() == chain.in_dim
         self.layouts = [layer.core.code for layer in self.layers]
-        self._params = list(self.parameters())
+        self._kept = list({id(k): k for layer in self.layers
+                           for k in layer.kept_tensors()}.values())  # tied ones once
         self._time_free = all(layer.time == "none" for layer in self.layers)
         self._op_cache: tuple | None = None
         self._index: list[torch.Tensor] | None = None
@@ -285,7 +302,7 @@ class FusedMLP(CompiledField):
         if not torch.is_grad_enabled():
             return False
         return any(t is not None and t.requires_grad for t in tensors) or any(
-            p.requires_grad for p in self._params
+            k.values.requires_grad for k in self._kept
         )
 
     def _check(self, z: torch.Tensor) -> None:
@@ -335,13 +352,18 @@ class FusedMLP(CompiledField):
         Rebuilding scatters every kept tensor into its core and costs more than
         the kernel on small fields (about 0.15 ms of a 0.3 ms toy evaluation).
         Without a backward to feed, the result depends only on the kept values
-        (and t, where a layer reads it): it is kept while every kept value has
-        the same version counter and storage, so optimiser steps, load_state_dict,
-        write-ins and .to() all rebuild it.
+        (and t, where a layer reads it): it is kept while every kept-values tensor
+        is the same object with the same version counter and storage, and no
+        optimiser has stepped since. So optimiser steps (fused ones too, which bump
+        no version counter), load_state_dict (``assign=True`` too), in-place writes,
+        ``.to()`` and ``torch.func.functional_call`` all rebuild it; writes through
+        ``.data``, which autograd does not see either, do not.
         """
         if save or torch.compiler.is_compiling():
             return self._build_op_inputs(t, z)
-        key = (tuple((p._version, p.data_ptr()) for p in self._params), z.dtype, z.device)
+        live = [k.values for k in self._kept]  # through the attribute: swaps show
+        key = (tuple((id(v), v._version, v.data_ptr()) for v in live), _OPTIMIZER_STEPS[0],
+               z.dtype, z.device)
         if self._op_cache is None or self._op_cache[0] != key:
             self._op_cache = (key, self._build_op_inputs(t, z))
             return self._op_cache[1]

@@ -12,7 +12,9 @@ under ``torch.compile`` without graph breaks, and an autograd formula:
   differentiable once, through the hand-written ``mlp_bwd``. Both take the
   layers as (values, index, layouts) (``formats.decode_program``: ``values``
   one differentiable tensor per layer, ``index`` the constant pattern tensors)
-  and check them with ``program.check_program``, in the eager path and the fake.
+  and are checked by ``program.check_program`` in the fake and in the eager path
+  of "ref"; Triton's entry points run it themselves and the C++ backends check
+  the same program in csrc/common/mlp_program.h (``_SELF_CHECKING``).
 
 Precision (defined once in ``sparsekern.precision`` and docs/design.md §4):
 ``spmm``, ``spmm_blocked`` and ``sddmm`` are exact multiply-adds in every

@@ -7,8 +7,9 @@ weight gradient and W_l^T Mbar_l. ``program_forward`` / ``program_backward``
 are that loop over ``Primitives``, which each backend fills in with its own
 products and epilogues: "ref" (plain PyTorch, ``ref.RefPrimitives``), Triton's
 per-layer path (``triton.k_mlp_layers``), and ``FusedMLP``'s f with autograd
-(``fused``: differentiable ops, no tangent). Single-launch kernels (Triton's
-fused strategy, the C++ backends) run the whole program in one go instead.
+(``fused``: differentiable ops, no tangent). Triton's single-launch kernels run
+the whole program in one go instead; the C++ backends run the same loop in C++
+(csrc/common/mlp_loop.h).
 
 ``check_program`` checks a program's shapes (with ``torch._check``), dtypes and
 devices: the same function for the ops' fakes (``register_fake``), their eager

@@ -74,8 +74,9 @@ class LinearSpec:
 class MLPSpec:
     """An MLP vector field: its layers, the activation(s) between them, the state width.
 
-    ``activations``: one module per hidden layer (``len(layers) - 1``), or a single
-    module applied after every hidden layer.
+    ``activations``: one module per hidden layer (``len(layers) - 1``; a list, an
+    nn.ModuleList or an nn.Sequential of them), or a single module applied after
+    every hidden layer.
     """
 
     layers: Sequence[LinearSpec]
@@ -127,9 +128,13 @@ def describe_mlp(f: nn.Module) -> MLPSpec | None:
     if isinstance(f, DescribesMLP):
         spec, source = f.sparsekern_mlp(), f"{type(f).__name__}.sparsekern_mlp()"
     else:
-        describe = next((_REGISTRY[c] for c in type(f).__mro__ if c in _REGISTRY), None)
-        if describe is None:
+        found = next((c for c in type(f).__mro__ if c in _REGISTRY), None)
+        # A subclass that computes something else (its own forward, e.g. a residual
+        # nn.Sequential) is not what the registered description says: generic tier.
+        if found is None or getattr(type(f), "forward", None) is not getattr(
+                found, "forward", None):
             return None
+        describe = _REGISTRY[found]
         spec = describe(f)
         source = f"the describe function registered for {type(f).__name__}"
     if spec is not None and not isinstance(spec, MLPSpec):
@@ -226,7 +231,9 @@ def build_chain(f: nn.Module, spec: MLPSpec, where: str | None = None) -> Chain 
     layers = list(spec.layers)
     if not layers:
         raise CompileError(f"{where} has no layers")
-    if isinstance(spec.activations, nn.Module):
+    # An nn.ModuleList (or a Sequential of activations) is a module too, but a list here.
+    if isinstance(spec.activations, nn.Module) and not isinstance(
+            spec.activations, nn.ModuleList | nn.Sequential):
         acts = [spec.activations] * (len(layers) - 1)
     else:
         acts = list(spec.activations)

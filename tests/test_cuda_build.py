@@ -438,13 +438,12 @@ class TestOnGpu:
     def test_auto_backend_is_a_gpu_backend_and_correct(self):
         from torch import nn
 
-        from sparsekern import SparseConfig, compile_sparse
-        from sparsekern.field import gpu_backends
+        from sparsekern import SparseConfig, backends, compile_sparse
 
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
                             nn.Linear(64, 2)).cuda()
-        found = gpu_backends()
+        found = backends.candidates("cuda")
         assert found, "triton or the CUDA extension must be usable on a GPU"
         fast = compile_sparse(net, SparseConfig(batch_hint=256))  # measured among `found`
         assert fast.backend in found

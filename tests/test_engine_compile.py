@@ -868,3 +868,12 @@ def test_no_grad_calls_follow_every_change_of_the_kept_values_and_of_t(time):
     with torch.no_grad():
         next(fast.parameters()).mul_(-1.0)
     check(t0)
+    # A fused optimiser updates the values without bumping their version counters.
+    opt = torch.optim.Adam(fast.parameters(), lr=0.1, fused=True)
+    f, div = fast.forward_and_divergence(t1, z, noise)
+    (f.square().sum() + div.sum()).backward()
+    opt.step()
+    check(t1)
+    # New Parameter objects in place of the old ones.
+    fast.load_state_dict({k: v * 0.5 for k, v in fast.state_dict().items()}, assign=True)
+    check(t0)

@@ -716,3 +716,23 @@ def test_activations_are_accurate_over_the_whole_range(backend, dtype, act):
     nan = torch.full((9,), float("nan"), dtype=dtype)
     h_nan, d_nan = _activation_through_the_program(act, nan, backend)
     assert h_nan.isnan().all() and d_nan.isnan().all()
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("which", ["tan0", "probe"])
+def test_tangents_and_probes_of_another_dtype_are_refused_by_name(backend, which):
+    # The C++ kernels read every float input through x0's element type (void* in the
+    # CUDA ABI): a float64 probe beside float32 weights would be reinterpreted, not
+    # converted. Every backend must refuse it, naming the tensor.
+    _, values, index, scales, shifts = _program((3, 8, 3), 0.5, torch.float32,
+                                                [LAYOUT_DENSE, LAYOUT_CSR], False)
+    x0 = torch.randn(3, 4, device=DEVICE)
+    tan0 = torch.randn(1, 3, 4, device=DEVICE)
+    probe = torch.randn(1, 3, 4, device=DEVICE)
+    if which == "tan0":
+        tan0 = tan0.double()
+    else:
+        probe = probe.double()
+    with pytest.raises((TypeError, RuntimeError), match=which):
+        ops.mlp_fwd(x0, tan0, probe, values, index, scales, shifts,
+                    [LAYOUT_DENSE, LAYOUT_CSR], ACT_IDS["tanh"], False, False, backend)

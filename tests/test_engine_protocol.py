@@ -343,3 +343,48 @@ def test_flows_implements_the_protocol():
     assert [s.time for s in spec.layers] == ["concatsquash"] * 3 and spec.in_dim == 2
     net.acts[1] = nn.ReLU()  # two activation types: not the fused tier's
     assert net.sparsekern_mlp() is None
+
+
+def test_a_registered_type_subclassed_with_its_own_forward_is_not_fused():
+    # The registry describes what nn.Sequential.forward computes; a subclass that
+    # computes something else must not get that description (it compiled to the wrong
+    # function before: max error 2.6 on this field).
+    class Residual(nn.Sequential):
+        def forward(self, z):
+            return z + super().forward(z)
+
+    torch.manual_seed(0)
+    f = Residual(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    fast = compile_sparse(f, SparseConfig(backend="ref"))
+    assert fast.tier == "generic"
+    z = torch.randn(5, 3)
+    torch.testing.assert_close(fast(z), f(z))
+
+    class Plain(nn.Sequential):  # same forward: still the registered description
+        pass
+
+    assert compile_sparse(Plain(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)),
+                          SparseConfig(backend="ref")).tier == "fused"
+
+
+def test_activations_may_come_as_a_module_list():
+    # An nn.ModuleList is itself a Module: it must be read as the list it is, not as
+    # one unknown activation (which sent the field to the generic tier silently).
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lins = nn.ModuleList([nn.Linear(2, 8), nn.Linear(8, 8), nn.Linear(8, 2)])
+            self.acts = nn.ModuleList([nn.Tanh(), nn.Tanh()])
+
+        def forward(self, z):
+            for lin, act in zip(self.lins, [*self.acts, None], strict=True):
+                z = lin(z) if act is None else act(lin(z))
+            return z
+
+        def sparsekern_mlp(self):
+            return MLPSpec([LinearSpec(m) for m in self.lins], self.acts, in_dim=2)
+
+    f = Net()
+    fast = compile_sparse(f, SparseConfig(backend="ref", tier="fused"))
+    z = torch.randn(4, 2)
+    torch.testing.assert_close(fast(z), f(z))

@@ -10,7 +10,8 @@
 //   layouts: one code per layer, 0 dense, 1 csr, 2 blocked.
 //
 // This is the one place C++ decodes that ABI. Structure, counts and shapes are
-// checked here; each backend checks devices and dtypes itself.
+// checked here, and the float inputs' dtypes and devices against x0 (the Python eager
+// path leaves the whole check to this header for the C++ backends, sparsekern/ops.py).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -187,6 +188,11 @@ inline void check_inputs(const at::Tensor& x0, const at::Tensor& tan0, int64_t a
               " supports float32 and float64, got ", x0.scalar_type());
   TORCH_CHECK(tan0.dim() == 3 && tan0.size(1) == x0.size(0) && tan0.size(2) == x0.size(1), op,
               ": tan0 must be [K, ", x0.size(0), ", ", x0.size(1), "], got ", tan0.sizes());
+  // The kernels read every float input through x0's element type (void* in the CUDA
+  // ABI): another dtype would be reinterpreted, not converted.
+  TORCH_CHECK(tan0.scalar_type() == x0.scalar_type() && tan0.device() == x0.device(), op,
+              ": tan0 is ", tan0.scalar_type(), " on ", tan0.device(), ", expected x0's ",
+              x0.scalar_type(), " on ", x0.device());
   TORCH_CHECK(act >= 0 && act <= kMaxActId, op, ": unknown activation id ", act,
               " (sparsekern/activations.py ACT_IDS)");
 }
@@ -210,6 +216,10 @@ inline ProgramDims check_program(const at::Tensor& x0, const at::Tensor& tan0,
                    probe.size(2) == dims.B),
               op, ": probe must be [", dims.K, ", ", dims.d, ", ", dims.B, "], got ",
               probe.sizes());
+  TORCH_CHECK(exact || dims.K == 0 ||
+                  (probe.scalar_type() == x0.scalar_type() && probe.device() == x0.device()),
+              op, ": probe is ", probe.scalar_type(), " on ", probe.device(), ", expected x0's ",
+              x0.scalar_type(), " on ", x0.device());
   return dims;
 }
 

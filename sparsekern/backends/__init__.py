@@ -69,12 +69,19 @@ def _ready_always() -> str | None:
     return None
 
 
+def _cpu_available() -> str | None:
+    if _cpu().available():
+        return None
+    return "the C++ CPU kernels could not be built (no C++ compiler or ninja here)"
+
+
 def _cpu_ready() -> str | None:
     # Unlike nvcc's minutes, the CPU build (a minute, once per machine, cached) is part of
     # "auto" on a CPU: a build that fails falls back to "ref" with the reason, rather
     # than failing the first call.
-    if not _cpu().available():
-        return "the C++ CPU kernels could not be built (no C++ compiler or ninja here)"
+    missing = _cpu_available()
+    if missing is not None:
+        return missing
     try:
         _cpu().extension()
     except Exception as exc:
@@ -109,7 +116,8 @@ class Backend:
         name: the name the ops take.
         device_types: device types whose tensors it runs on (``runs_on`` refines).
         precisions: the ``SparseConfig.precision`` values its MLP kernels implement.
-        ready: None when "auto" may pick it here now, else why not (no build started).
+        ready: None when "auto" may pick it here now, else why not (for "cpu" this
+            builds the extension on first use; never an nvcc build).
         available: None when it can run here, if need be after a build, else why not
             (defaults to ``ready``).
         load: the module holding its kernels (``spmm``, ``sddmm``, ``mlp_fwd``, ...).
@@ -127,7 +135,8 @@ class Backend:
     available: Callable[[], str | None] | None = None
 
     def unavailable(self, device: torch.device) -> str | None:
-        """Why it cannot run on ``device`` here (None: it can), without building anything."""
+        """Why it cannot run on ``device`` here (None: it can), by ``available`` (no build)
+        or else ``ready``."""
         if not self.supports(device):
             return f"the {self.name} backend runs on {self.where()}"
         return (self.available or self.ready)()
@@ -147,7 +156,8 @@ class Backend:
 
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
     Backend("ref", ("*",), PRECISIONS, _ready_always, _ref, kernel_suffix="_ref"),
-    Backend("cpu", ("cpu",), PRECISIONS_EXACT, _cpu_ready, lambda: _cpu().extension()),
+    Backend("cpu", ("cpu",), PRECISIONS_EXACT, _cpu_ready, lambda: _cpu().extension(),
+            available=_cpu_available),
     Backend("triton", ("cuda",), PRECISIONS, _triton_ready, _triton,
             runs_on=_runs_on_triton),
     Backend("cuda", ("cuda",), PRECISIONS_EXACT, _cuda_ready, lambda: _cuda().extension(),
@@ -185,14 +195,20 @@ def check_precision_supported(backend: str, precision: str, what: str) -> None:
                          f"float32 only); use one of {REDUCED_BACKENDS} or precision='ieee'")
 
 
+def _readiness(device_type: str, precision: str) -> dict[BackendName, str | None]:
+    """Each rule candidate with ``precision`` products: None if ready, else why not."""
+    return {name: REGISTRY[name].ready() for name in AUTO_ORDER.get(device_type, ())
+            if precision in REGISTRY[name].precisions}
+
+
 def candidates(device_type: str, precision: str = "ieee") -> list[BackendName]:
     """The backends "auto" may pick on ``device_type`` for ``precision`` now, in rule order.
 
-    Only backends that are ready without starting a build (``Backend.ready``): on
-    CUDA "triton" when it imports, "cuda" once its extension is built or cached.
+    Only backends that are ready (``Backend.ready``): on a CPU "cpu" once its
+    extension loads (built on first use); on CUDA "triton" when it imports, "cuda"
+    once its extension is built or cached (never an nvcc build).
     """
-    return [name for name in AUTO_ORDER.get(device_type, ())
-            if precision in REGISTRY[name].precisions and REGISTRY[name].ready() is None]
+    return [name for name, why in _readiness(device_type, precision).items() if why is None]
 
 
 _resolved: dict[tuple[str, str], BackendName] = {}
@@ -211,22 +227,25 @@ def resolve(choice: str, device: torch.device, precision: str = "ieee") -> str:
         return choice
     key = (device.type, precision)
     if key not in _resolved:
-        found = candidates(device.type, precision)
+        # Each candidate's readiness once: a failing CPU build is not tried again for
+        # the warning.
+        reasons = _readiness(device.type, precision)
+        found = [name for name, why in reasons.items() if why is None]
         _resolved[key] = found[0] if found else "ref"
         if not found and device.type in AUTO_ORDER:
-            _warn_fallback(device.type, precision)
+            _warn_fallback(device.type, precision, reasons)
     return _resolved[key]
 
 
-def _warn_fallback(device_type: str, precision: str) -> None:
-    tried = [n for n in AUTO_ORDER[device_type] if precision in REGISTRY[n].precisions]
-    if not tried:
+def _warn_fallback(device_type: str, precision: str,
+                   reasons: dict[BackendName, str | None]) -> None:
+    if not reasons:
         why = (f"precision={precision!r} products have kernels on CUDA (Triton); on "
                f"{device_type} the plain PyTorch reference backend rounds them the same way")
     else:
-        reasons = "; ".join(f"{n}: {REGISTRY[n].ready()}" for n in tried)
+        listed = "; ".join(f"{n}: {why}" for n, why in reasons.items())
         kind = "GPU" if device_type == "cuda" else device_type.upper()
-        why = (f"no {kind} backend for precision={precision!r} is ready ({reasons}); "
+        why = (f"no {kind} backend for precision={precision!r} is ready ({listed}); "
                f"running the plain PyTorch reference backend")
     warnings.warn(f"sparsekern: {why} (correct, not fast)", stacklevel=4)
 
