@@ -8,6 +8,7 @@ PYTHON ?= python3
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install --no-deps torchode==1.0.1 torchtyping==0.1.5 "typeguard>=2.11.1,<3"  # bench's torchode peer; --no-deps keeps the installed torch (torchtyping 0.1.4 fails to import on torch 2.13)
 	$(PYTHON) -m sparsekern.backends.cpu  # build (or load the cached) C++ CPU kernels
 
 demo: install

@@ -30,6 +30,10 @@ RUNTIME = [
     "pyyaml",
     "ninja",  # builds the C++ CPU kernels of sparsekern on first use
 ]
+# The bench's torchode peer (bench/providers.py). torchtyping 0.1.4 does not import on
+# torch 2.13; 0.1.5 does. `make install` installs these with --no-deps, so the torch
+# installed stays the one there.
+BENCH = ["torchode==1.0.1", "torchtyping==0.1.5", "typeguard>=2.11.1,<3"]
 TABULAR = ["pandas", "h5py"]
 TRITON = ["triton"]
 # mypy pinned: a newer release may report new errors on unchanged code (tests/test_lint.py).
@@ -53,6 +57,6 @@ setup(
     package_data={CSRC_PACKAGE: CSRC_FILES},
     include_package_data=False,
     install_requires=RUNTIME,
-    extras_require={"triton": TRITON, "tabular": TABULAR, "dev": DEV},
+    extras_require={"triton": TRITON, "tabular": TABULAR, "dev": DEV, "bench": BENCH},
     entry_points={"console_scripts": ["sparseflow = flows.cli:main"]},
 )

@@ -64,6 +64,9 @@ class Shape:
         atol, rtol, T: dopri5 tolerances and integration time of the solve.
         extra_densities: unstructured densities measured for this shape only
             (the toy model's 0.3: 70% pruned, the paper's best toy ratio).
+        adjoint: how the train_solve metric gets its gradients: the adjoint method
+            (True: what the paper's presets train every model with, flows.presets)
+            or backpropagation through the solver's steps.
     """
 
     name: str
@@ -77,6 +80,7 @@ class Shape:
     rtol: float
     T: float
     extra_densities: tuple[float, ...] = ()
+    adjoint: bool = True
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -238,14 +242,18 @@ def kept_weights(net: nn.Module) -> int:
                for _, m in prunable_layers(net))
 
 
-def build_flow(shape: Shape, fields: list[nn.Module]) -> CNF | SequentialFlow:
+def build_flow(shape: Shape, fields: list[nn.Module], adjoint: bool = False
+               ) -> CNF | SequentialFlow:
     """The shape's flow (FFJORD CNF, or a stack of them) around the given vector fields.
 
     Hutchinson divergence with Gaussian noise drawn once per solve, dopri5 with
-    the shape's tolerances and T, no adjoint (the solve is measured under no_grad).
+    the shape's tolerances and T (fixed: the bench does not train T), and no
+    adjoint unless asked (the solve is measured under no_grad; train_solve sets
+    ``CNF.adjoint`` to ``shape.adjoint``).
     """
     cnfs = [CNF(f, divergence="hutchinson", noise="gaussian", solver="dopri5",
-                atol=shape.atol, rtol=shape.rtol, T=shape.T) for f in fields]
+                atol=shape.atol, rtol=shape.rtol, T=shape.T, adjoint=adjoint)
+            for f in fields]
     flow = cnfs[0] if len(cnfs) == 1 else SequentialFlow(cnfs)
     first = next(fields[0].parameters(), None)
     if first is not None:

@@ -49,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='case globs over "<shape>/<structure>/<density>", e.g. toy '
                         '"miniboone/unstructured/0.1" "*/structured" (default: all)')
     p.add_argument("--providers", nargs="+", metavar="NAME", default=None,
-                   help='provider names, "default" (the main four plus each compiled '
-                        'sparsekern backend available here) or "all"')
+                   help='provider names, "default" (the main four, sparsekern_native, '
+                        'torchode where installed, and each compiled sparsekern backend '
+                        'available here) or "all"')
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=None,
                    help="what to measure per case (default: all)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -209,6 +210,13 @@ def _run(args: argparse.Namespace, command: list[str] | None, device: torch.devi
     providers: list[Provider] = [registry[n] for n in names if n not in skipped]
     for n, why in skipped.items():
         print(f"bench: skipping {n}: {why}", file=sys.stderr)
+    skipped_metrics: dict[str, dict[str, str]] = {}
+    for p in providers:
+        left = {m: why for m in metrics if (why := p.metric_unavailable(m))}
+        if left:
+            skipped_metrics[p.name] = left
+            print(f"bench: {p.name} does not measure {', '.join(left)}: "
+                  f"{'; '.join(dict.fromkeys(left.values()))}", file=sys.stderr)
 
     info = machine_info(device)
     slug = machine_slug(info)
@@ -241,6 +249,7 @@ def _run(args: argparse.Namespace, command: list[str] | None, device: torch.devi
         },
         "providers": {p.name: p.description for p in providers},
         "skipped": skipped,
+        "skipped_metrics": skipped_metrics,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "duration_s": 0.0,
         "complete": False,

@@ -98,8 +98,9 @@ def compare_rows(old_rows: list[Row], new_rows: list[Row],
             kind = classify(o, n, margin)
             if kind:
                 changes.append(Change(kind, key, o, n, ratio))
-        if (n.get("metric") == "solve" and o.get("nfe") and n.get("nfe") is not None
-                and abs(n["nfe"] - o["nfe"]) > NFE_TOLERANCE * o["nfe"]):
+        if n.get("metric") in ("solve", "train_solve") and any(
+                o.get(f) and n.get(f) is not None
+                and abs(n[f] - o[f]) > NFE_TOLERANCE * o[f] for f in ("nfe", "nfe_backward")):
             changes.append(Change("nfe_changed", key, o, n, ratio))
     changes += [Change("missing", k, o, None, None) for k, o in old.items() if k not in new]
     order = {"regression": 0, "new_error": 1, "nfe_changed": 2, "improvement": 3,

@@ -1,6 +1,6 @@
-"""What is measured for each (case, provider): the four metrics, their FLOPs, and the roofline.
+"""What is measured for each (case, provider): the five metrics, their FLOPs, and the roofline.
 
-Metrics (per NFE for the first three, per solve for the last):
+Metrics (per NFE for the first three, per solve for the last two, the *flow metrics*):
 
 - ``f``: one call f(t, z) under ``torch.no_grad()``.
 - ``f_div``: one call of ``flows.ODEFunc`` on the CNF state (z, logp) under
@@ -12,8 +12,15 @@ Metrics (per NFE for the first three, per solve for the last):
   random g_f, g_d into the parameters and z.
 - ``solve``: ``flow.log_prob(x)`` under ``torch.no_grad()``: dopri5 over every
   CNF block of the shape, Hutchinson noise drawn from the same seed for every
-  provider, so the NFE must agree across providers. Forward hooks on every
-  ``ODEFunc`` split the time into model time (inside f) and solver time.
+  provider, so the NFE must agree across providers (torchode's per-sample steps
+  excepted). The model / solver split times every vector-field evaluation (see
+  ``_ModelClock``).
+- ``train_solve``: one training step of the whole flow: ``loss =
+  -flow.log_prob(x).mean()`` with gradients, then ``loss.backward()``, the CNFs
+  with the adjoint method as the shape says (``Shape.adjoint``: True for every
+  shape, as the paper's presets train); the same noise as ``solve``. Recorded:
+  the forward NFE, the backward (adjoint) NFE, the split, and as outputs the
+  loss and the gradients of the kept parameters.
 
 FLOPs count only products with the kept weights, K of them per vector field,
 batch B, whatever a provider actually computes (a dense provider multiplies
@@ -23,7 +30,11 @@ by the zeros as well; that is the point of the comparison):
 - f_div: 4 K B (f, and one more product per layer for the JVP, or the VJP);
 - train_step: 12 K B (f_div's two products per layer, and their backward, each
   needing the input gradient and the weight gradient: 3 x f_div);
-- solve: 4 B sum over blocks of K_b x NFE_b (one f_div per function evaluation).
+- solve: 4 B sum over blocks of K_b x NFE_b (one f_div per function evaluation);
+- train_solve with the adjoint: 4 B sum_b K_b x NFE_b (the forward solve) + 12 B
+  sum_b K_b x NFEbwd_b (every evaluation of the backward solve is a train_step:
+  f_div with its graph, then its vector-Jacobian product); without the adjoint
+  (torchode: backpropagation through the steps) 12 B sum_b K_b x NFE_b.
 
 Biases, activations and the divergence's dot product are not counted. The
 roofline is the rate of ``torch.mm`` on the dense layer shapes [B, in] x [in, out]
@@ -34,6 +45,7 @@ of one vector field at the case's batch, measured in the same process;
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,15 +54,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.schema import FLOW_METRICS
 from bench.timing import Timing, TimingConfig, measure, synchronizer
 from flows.cnf import CNF
 from flows.odefunc import ODEFunc
 
-METRICS = ("f", "f_div", "train_step", "solve")
-FLOPS_PER_KEPT_WEIGHT = {"f": 2, "f_div": 4, "train_step": 12, "solve": 4}
+METRICS = ("f", "f_div", "train_step", "solve", "train_solve")
+# FLOW_METRICS (bench.schema): metrics of a whole flow (every CNF block, a solver),
+# built with Provider.prepare_flow at the solve's batch.
+FLOPS_PER_KEPT_WEIGHT = {"f": 2, "f_div": 4, "train_step": 12, "solve": 4, "train_solve": 4}
+# train_solve: per kept weight, sample and evaluation of the backward solve (a train_step).
+BACKWARD_FLOPS_PER_KEPT_WEIGHT = 12
 FLOP_COUNTING = (
     "FLOPs on kept weights only (K per vector field, batch B): f 2KB, f_div 4KB, "
-    "train_step 12KB, solve 4B*sum_blocks(K_b*NFE_b); biases and activations not counted. "
+    "train_step 12KB, solve 4B*sum_blocks(K_b*NFE_b), train_solve 4B*sum_b(K_b*NFE_b) + "
+    "12B*sum_b(K_b*NFEbwd_b) with the adjoint (12B*sum_b(K_b*NFE_b) backpropagating through "
+    "the steps); biases and activations not counted. "
     "Roofline: torch.mm on the dense layer shapes at batch B, same process."
 )
 
@@ -99,7 +118,21 @@ def make_inputs(dim: int, batch: int, solve_batch: int, T: float, dtype: torch.d
 
 @dataclass
 class Result:
-    """A metric's timing, its outputs (for the cross-provider check) and solve details."""
+    """A metric's timing, its outputs (for the cross-provider check) and solve details.
+
+    Attributes:
+        output_keys: what ``outputs`` hold, where a provider may hold something else
+            (train_solve: the names of the parameters in the gradient vector); outputs
+            are compared in full only where the keys agree.
+        nfe, nfe_per_block: forward evaluations of a flow metric (all blocks, per block).
+        nfe_backward, nfe_backward_per_block: train_solve with the adjoint: evaluations
+            of the backward solves; None otherwise.
+        model_ms, solver_ms: the split of a flow metric's median (None where no
+            evaluation of the vector field was observed from Python).
+        ode_solver: which solver ran ("torchdiffeq", "sparsekern.odeint", "torchode").
+        solve_note: what that solver said of its solve (sparsekern.odeint's
+            ``last_solve``, torchode's per-sample statistics).
+    """
 
     timing: Timing
     outputs: tuple[torch.Tensor, ...]
@@ -107,6 +140,11 @@ class Result:
     nfe_per_block: list[int] | None = None
     model_ms: float | None = None
     solver_ms: float | None = None
+    nfe_backward: int | None = None
+    nfe_backward_per_block: list[int] | None = None
+    ode_solver: str | None = None
+    solve_note: str | None = None
+    output_keys: tuple[str, ...] | None = None
 
 
 def _odefunc(field: nn.Module, noise: torch.Tensor) -> ODEFunc:
@@ -164,54 +202,190 @@ def run_train_step(field: nn.Module, inputs: Inputs, config: TimingConfig,
 
 
 class _ModelClock:
-    """Forward hooks on every ODEFunc of a flow: seconds spent inside f calls."""
+    """Seconds spent inside the vector-field evaluations of a flow, and how many there were.
+
+    Forward hooks on every ``ODEFunc`` (what torchdiffeq and torchode call), and a
+    wrapper around the ``forward_and_divergence`` of each ODE function's field, which
+    ``sparsekern.odeint``'s native loop calls directly. Nested entries (ODEFunc
+    calling the fused method under torchdiffeq) count once. A loop that evaluates the
+    field without calling the module (sparsekern.odeint on a time-free fused field: one
+    op call per evaluation, or its C++ loop) is not observed: ``calls`` stays 0. The
+    C++ loop times its kernels itself (``_native_model_seconds``: mlp_fwd, and the
+    adjoint's mlp_bwd, so there the vector-Jacobian products are model time); for
+    the Python loop's direct op calls the split is unknown (None).
+    """
 
     def __init__(self, flow: nn.Module, device: torch.device) -> None:
         self.sync = synchronizer(device)
         self.seconds = 0.0
+        self.calls = 0
+        self._depth = 0
         self._start = 0.0
         self.handles = []
+        self._patched: list[nn.Module] = []
         for m in flow.modules():
-            if isinstance(m, ODEFunc):
-                self.handles.append(m.register_forward_pre_hook(self._pre))
-                self.handles.append(m.register_forward_hook(self._post))
+            if not isinstance(m, ODEFunc):
+                continue
+            self.handles.append(m.register_forward_pre_hook(lambda mod, args: self._enter()))
+            self.handles.append(m.register_forward_hook(lambda mod, args, out: self._exit()))
+            field = m.odenet
+            fused = getattr(field, "forward_and_divergence", None)
+            if callable(fused) and "forward_and_divergence" not in vars(field):
+                field.forward_and_divergence = self._wrap(fused)
+                self._patched.append(field)
 
-    def _pre(self, module: nn.Module, args: object) -> None:
-        self.sync()
-        self._start = time.perf_counter()
+    def _wrap(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self._enter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._exit()
 
-    def _post(self, module: nn.Module, args: object, output: object) -> None:
-        self.sync()
-        self.seconds += time.perf_counter() - self._start
+        return timed
+
+    def reset(self) -> None:
+        self.seconds, self.calls, self._depth = 0.0, 0, 0
+
+    def _enter(self) -> None:
+        if self._depth == 0:
+            self.sync()
+            self._start = time.perf_counter()
+        self._depth += 1
+
+    def _exit(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.sync()
+            self.seconds += time.perf_counter() - self._start
+            self.calls += 1
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        for field in self._patched:
+            del field.forward_and_divergence
+        self.handles, self._patched = [], []
 
 
-def run_solve(flow: nn.Module, inputs: Inputs, config: TimingConfig,
-              device: torch.device) -> Result:
-    """Time a whole log-likelihood solve, with its NFE and the model / solver split.
+def _native_model_seconds(cnfs: list[CNF]) -> float | None:
+    """Seconds inside the field kernels of the last solves (and adjoint solves), as the
+    C++ loop measures them (``CompiledField.last_solve_stats``); None unless every
+    block's solves report them."""
+    total = 0.0
+    for c in cnfs:
+        stats = getattr(c.odefunc.odenet, "last_solve_stats", ())
+        if not stats or any(st.model_seconds is None for st in stats):
+            return None
+        total += sum(st.model_seconds for st in stats)
+    return total if cnfs else None
 
-    On CUDA the hooks synchronise around every f call (so the split is exact,
-    and the total includes those syncs).
+
+def _ode_solver(flow: nn.Module, cnfs: list[CNF]) -> tuple[str, str | None]:
+    """(which solver ran the flow's last solve, what it said), from the flow itself.
+
+    A flow that runs its own solver names it (``bench_ode_solver``, and
+    ``bench_solve_note``: the torchode provider's). Otherwise a compiled field's
+    ``last_solve``, which only ``sparsekern.odeint`` sets ("native ..." or
+    "torchdiffeq (why not native)"), tells; None means torchdiffeq ran it directly.
+    """
+    own = getattr(flow, "bench_ode_solver", None)
+    if own is not None:
+        return own, getattr(flow, "bench_solve_note", None)
+    notes = [getattr(c.odefunc.odenet, "last_solve", None) for c in cnfs]
+    if all(n is None for n in notes):
+        return "torchdiffeq", None
+    said = "; ".join(dict.fromkeys(str(n) for n in notes))
+    if None not in notes and all(n.startswith("native") for n in notes):
+        return "sparsekern.odeint", said
+    if None not in notes and all(n.startswith("torchdiffeq") for n in notes):
+        return "torchdiffeq (via sparsekern.odeint)", said
+    return "mixed", said
+
+
+def kept_gradients(flow: nn.Module) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The gradients of every block's kept parameters as one vector, and their names.
+
+    Compiled fields hold the kept values (``sparsekern.linear.KeptTensor``): their
+    gradients go to their places in the dense tensor. Dense fields hold dense
+    tensors: their gradients are cut to the kept places (``<name>_mask`` buffers,
+    as flows.prune keeps them). So the vector of a compiled flow and of its dense
+    twin line up, name by name ("<block>:<parameter>"); other representations (CSR
+    values) give other names, and are then compared on the loss alone.
+    """
+    from sparsekern.linear import KeptTensor
+
+    names: list[str] = []
+    parts: list[torch.Tensor] = []
+    for b, cnf in enumerate(m for m in flow.modules() if isinstance(m, CNF)):
+        field = cnf.odefunc.odenet
+        field = getattr(field, "bench_wrapped", None) or field  # the torchode provider's
+        kept = {m.name: m for m in field.modules() if isinstance(m, KeptTensor)}
+        if kept:
+            for name in sorted(kept):
+                k = kept[name]
+                dense = k.values.new_zeros(math.prod(k.shape))
+                if k.values.grad is not None:
+                    dense[k.flat_index] = k.values.grad.detach()
+                names.append(f"{b}:{name}")
+                parts.append(dense)
+            continue
+        for name, param in sorted(field.named_parameters()):
+            parent, _, attr = name.rpartition(".")
+            module = field.get_submodule(parent) if parent else field
+            mask = getattr(module, f"{attr}_mask", None)
+            g = (torch.zeros_like(param) if param.grad is None else param.grad.detach())
+            if isinstance(mask, torch.Tensor) and mask.shape == g.shape:
+                g = torch.where(mask != 0, g, torch.zeros_like(g))
+            names.append(f"{b}:{name}")
+            parts.append(g.reshape(-1))
+    vec = torch.cat(parts) if parts else torch.zeros(0)
+    return tuple(names), vec
+
+
+def run_flow(flow: nn.Module, inputs: Inputs, config: TimingConfig, device: torch.device,
+             train: bool = False) -> Result:
+    """Time a whole solve of the flow (``solve``), or a training step of it (``train_solve``).
+
+    solve: ``flow.log_prob(x)`` under no_grad; outputs (log p,).
+    train_solve: ``loss = -flow.log_prob(x).mean()`` and ``loss.backward()``;
+    outputs (loss [1], kept-parameter gradients), keys "loss" and their names.
+    The NFE, the model / solver split and the solver that ran come with it. On
+    CUDA the clock synchronises around every evaluation of the field (so the
+    split is exact, and the total includes those syncs).
     """
     clock = _ModelClock(flow, device)
     sync = synchronizer(device)
     cnfs = [m for m in flow.modules() if isinstance(m, CNF)]
-    records: list[tuple[float, float, list[int]]] = []
+    params = [p for p in flow.parameters() if p.requires_grad]
+    records: list[tuple[float, float, int, list[int], list[int]]] = []
     last: list[torch.Tensor] = []
 
     def fn() -> None:
-        clock.seconds = 0.0
+        clock.reset()
+        for p in params:
+            p.grad = None
         torch.manual_seed(inputs.seed)  # the same Hutchinson noise for every provider
         sync()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            logp = flow.log_prob(inputs.x)
+        if train:
+            with torch.enable_grad():
+                loss = -flow.log_prob(inputs.x).mean()
+                loss.backward()
+            out = [loss.detach().reshape(1)]
+        else:
+            with torch.no_grad():
+                out = [flow.log_prob(inputs.x)]
         sync()
-        records.append((time.perf_counter() - t0, clock.seconds, [c.nfe_forward for c in cnfs]))
-        last[:] = [logp]
+        elapsed = time.perf_counter() - t0
+        seconds, calls = clock.seconds, clock.calls
+        native = _native_model_seconds(cnfs)
+        if calls == 0 and native is not None:
+            seconds, calls = native, 1  # the C++ loop timed its kernels itself
+        records.append((elapsed, seconds, calls,
+                        [c.nfe_forward for c in cnfs], [c.nfe_backward for c in cnfs]))
+        last[:] = out
 
     try:
         timing = measure(fn, config, device)
@@ -220,10 +394,36 @@ def run_solve(flow: nn.Module, inputs: Inputs, config: TimingConfig,
     timed = records[-timing.repeats * timing.inner:]
     totals = np.array([r[0] for r in timed])
     models = np.array([r[1] for r in timed])
-    per_block = records[-1][2]
-    return Result(timing, tuple(last), nfe=sum(per_block), nfe_per_block=per_block,
-                  model_ms=float(np.median(models)) * 1e3,
-                  solver_ms=float(np.median(totals - models)) * 1e3)
+    observed = all(r[2] > 0 for r in timed)
+    per_block = records[-1][3]
+    adjoint = train and bool(cnfs) and all(c.adjoint for c in cnfs)
+    back_per_block = records[-1][4] if adjoint else None
+    solver, note = _ode_solver(flow, cnfs)
+    outputs: tuple[torch.Tensor, ...] = tuple(last)
+    keys: tuple[str, ...] | None = None
+    if train:
+        names, grads = kept_gradients(flow)
+        outputs, keys = (last[0], grads), ("loss", *names)
+        for p in params:
+            p.grad = None  # the dense fields are shared with the case's other providers
+    return Result(timing, outputs, nfe=sum(per_block), nfe_per_block=per_block,
+                  model_ms=float(np.median(models)) * 1e3 if observed else None,
+                  solver_ms=float(np.median(totals - models)) * 1e3 if observed else None,
+                  nfe_backward=None if back_per_block is None else sum(back_per_block),
+                  nfe_backward_per_block=back_per_block, ode_solver=solver, solve_note=note,
+                  output_keys=keys)
+
+
+def run_solve(flow: nn.Module, inputs: Inputs, config: TimingConfig,
+              device: torch.device) -> Result:
+    """Time a whole log-likelihood solve, with its NFE and the model / solver split."""
+    return run_flow(flow, inputs, config, device, train=False)
+
+
+def run_train_solve(flow: nn.Module, inputs: Inputs, config: TimingConfig,
+                    device: torch.device) -> Result:
+    """Time a training step of the whole flow (solve with gradients, backward)."""
+    return run_flow(flow, inputs, config, device, train=True)
 
 
 RUNNERS: dict[str, Callable[..., Result]] = {
@@ -233,15 +433,35 @@ RUNNERS: dict[str, Callable[..., Result]] = {
 }
 
 
+FLOW_RUNNERS: dict[str, Callable[..., Result]] = {
+    "solve": run_solve,
+    "train_solve": run_train_solve,
+}
+
+
 def flops(metric: str, kept: int, batch: int, nfe_per_block: list[int] | None = None,
-          kept_per_block: list[int] | None = None) -> int:
-    """FLOPs on the kept weights of one call of ``metric`` (module docstring)."""
+          kept_per_block: list[int] | None = None,
+          nfe_backward_per_block: list[int] | None = None) -> int:
+    """FLOPs on the kept weights of one call of ``metric`` (module docstring).
+
+    train_solve: with ``nfe_backward_per_block`` (the adjoint) the forward solve's
+    f_div evaluations plus a train_step per backward evaluation; without it
+    (backpropagation through the steps) a train_step per forward evaluation.
+    """
     per = FLOPS_PER_KEPT_WEIGHT[metric]
-    if metric == "solve":
+    if metric in FLOW_METRICS:
         if nfe_per_block is None or kept_per_block is None:
-            raise ValueError("solve FLOPs need the NFE and kept weights of every block")
-        return per * batch * sum(k * n for k, n in zip(kept_per_block, nfe_per_block,
-                                                        strict=True))
+            raise ValueError(f"{metric} FLOPs need the NFE and kept weights of every block")
+
+        def weighted(nfes: list[int]) -> int:
+            return sum(k * n for k, n in zip(kept_per_block, nfes, strict=True))
+
+        if metric == "solve":
+            return per * batch * weighted(nfe_per_block)
+        back = BACKWARD_FLOPS_PER_KEPT_WEIGHT * batch
+        if nfe_backward_per_block is None:
+            return back * weighted(nfe_per_block)
+        return per * batch * weighted(nfe_per_block) + back * weighted(nfe_backward_per_block)
     return per * kept * batch
 
 

@@ -27,7 +27,13 @@ training), not under no_grad (evaluation).
   operand (the divergence needs W^T g): probed per device (``bsr_unavailable``);
   torch's CPU build cannot (no BSC/BSR addmm on CPU), so it runs on CUDA only.
 - ``sparsekern``: ``compile_sparse`` with backend and layout "auto"; the fused
-  forward + JVP kernel for f with divergence.
+  forward + JVP kernel for f with divergence. Its flows solve under torchdiffeq
+  (``CNF.solver_engine = "torchdiffeq"``): the compiled field inside the
+  original solver, so ``solve`` measures the field's gain alone.
+- ``sparsekern_native``: the same compiled flow solved by ``sparsekern.odeint``
+  (``solver_engine = "auto"``, what flows does by default with a compiled
+  field): the native solver loop. Flow metrics only (solve, train_solve); its
+  per-call metrics would be sparsekern's, so they are not measured.
 - ``sparsekern_<backend>`` (cpu, triton, cuda, ref): the same with that backend
   forced; ``sparsekern_dense`` / ``_csr`` / ``_blocked``: layout forced;
   ``sparsekern_generic``: the generic tier (autograd divergence through sparse ops).
@@ -35,6 +41,16 @@ training), not under no_grad (evaluation).
   bf16/fp16 operands with float32 accumulation (Triton tensor cores; CUDA
   only). Not exact: their outputs are checked against the looser
   ``REDUCED_REL_ERR`` bound, and their solves may take other steps.
+- ``torchode``: the dense masked model (as dense_eager runs it, autograd
+  divergence) under torchode's dopri5 (``ODETerm``, ``Dopri5``,
+  ``IntegralController``, ``AutoDiffAdjoint``) with the case's atol, rtol and T.
+  torchode steps every sample on its own (per-sample step sizes), so its NFE
+  and outputs differ from torchdiffeq's within the tolerances: its outputs are
+  checked loosely (``bench.report.LOOSE_REL_ERR``) and its NFE not at all. Its
+  train_solve backpropagates through the steps (AutoDiffAdjoint), not the
+  adjoint method. Flow metrics only; unavailable where torchode is not
+  installed (``pip install --no-deps torchode==1.0.1 torchtyping==0.1.5
+  "typeguard>=2.11.1,<3"``, or the project's ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -50,7 +66,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.cases import Shape, build_flow
+from bench.metrics import FLOW_METRICS
+from flows.cnf import CNF
+from flows.likelihood import standard_normal_logprob
 from flows.prune import prunable_layers
+
+# Why a provider that only swaps the solver has no per-call metrics.
+SOLVER_ONLY = "a solver provider: measured on whole solves only"
 
 
 @dataclass
@@ -85,9 +107,30 @@ class Provider:
         """The provider's field for ``net`` (which it must not modify)."""
         raise NotImplementedError
 
+    def metric_unavailable(self, metric: str) -> str | None:
+        """None if the provider measures ``metric``, else why not (no row is written)."""
+        return None
+
     def prepare_flow(self, shape: Shape, nets: list[nn.Module], batch: int) -> nn.Module:
         """The shape's flow with this provider's fields for ``nets`` (one per block)."""
         return build_flow(shape, [self.prepare(n, batch).field for n in nets])
+
+    def prepare_train_flow(self, shape: Shape, nets: list[nn.Module], batch: int
+                           ) -> nn.Module:
+        """The flow of the train_solve metric: ``prepare_flow``'s, its CNFs with the
+        shape's gradient method (``Shape.adjoint``)."""
+        flow = self.prepare_flow(shape, nets, batch)
+        for m in flow.modules():
+            if isinstance(m, CNF):
+                m.adjoint = shape.adjoint
+        return flow
+
+
+def _set_solver_engine(flow: nn.Module, engine: str) -> nn.Module:
+    for m in flow.modules():
+        if isinstance(m, CNF):
+            m.solver_engine = engine
+    return flow
 
 
 # ----------------------------------------------------------------------- dense eager
@@ -416,16 +459,28 @@ def _sparsekern_backend_reason(backend: str, device: torch.device) -> str | None
 
 
 class Sparsekern(Provider):
-    """compile_sparse with a given backend, layout, tier and product precision."""
+    """compile_sparse with a given backend, layout, tier and product precision.
+
+    ``engine``: the solver of its flows (``CNF.solver_engine``): "torchdiffeq" (the
+    compiled field inside torchdiffeq; every sparsekern provider but one) or "auto"
+    (``sparsekern.odeint``, the native loop: ``sparsekern_native``, flow metrics only).
+    """
 
     def __init__(self, name: str, backend: str = "auto", layout: str = "auto",
-                 tier: str = "auto", description: str = "", precision: str = "ieee") -> None:
+                 tier: str = "auto", description: str = "", precision: str = "ieee",
+                 engine: str = "torchdiffeq") -> None:
         self.name = name
         self.backend = backend
         self.layout = layout
         self.tier = tier
         self.description = description
         self.precision = precision
+        self.engine = engine
+
+    def metric_unavailable(self, metric: str) -> str | None:
+        if self.engine != "torchdiffeq" and metric not in FLOW_METRICS:
+            return SOLVER_ONLY
+        return None
 
     def unavailable(self, device: torch.device, dtype: torch.dtype = torch.float32
                     ) -> str | None:
@@ -462,7 +517,152 @@ class Sparsekern(Provider):
     def prepare_flow(self, shape: Shape, nets: list[nn.Module], batch: int) -> nn.Module:
         from sparsekern import compile_sparse
 
-        return compile_sparse(build_flow(shape, nets), self.config(batch))
+        return _set_solver_engine(compile_sparse(build_flow(shape, nets), self.config(batch)),
+                                  self.engine)
+
+
+# -------------------------------------------------------------------------- torchode
+
+
+@functools.cache
+def torchode_unavailable() -> str | None:
+    """None if torchode imports here, else why not."""
+    try:
+        import torchode  # noqa: F401
+    except ImportError as exc:
+        return (f"torchode is not installed ({exc}); pip install --no-deps torchode==1.0.1 "
+                'torchtyping==0.1.5 "typeguard>=2.11.1,<3" (or pip install -e ".[bench]")')
+    except Exception as exc:  # e.g. a torchtyping too old for this torch
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"torchode does not import here ({type(exc).__name__}: {first})"
+    return None
+
+
+class PerSampleTime(nn.Module):
+    """A field f(t, z) that takes a scalar t, called with one time per sample (torchode's).
+
+    torchode steps every sample on its own, so it calls f with t [B]; flows' time
+    inputs (ConcatSquashLinear) take one scalar time. ``torch.func.vmap`` runs the
+    field once per sample (a batched computation, not a loop); a scalar t goes
+    straight through. ``bench_wrapped`` is the field itself (its parameter names).
+    """
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.inner = field
+
+    @property
+    def bench_wrapped(self) -> nn.Module:
+        return self.inner
+
+    @property
+    def state_shape(self):
+        return getattr(self.inner, "state_shape", None)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
+        if t.dim() == 0:
+            return self.inner(t, z)
+        if t.shape != (z.shape[0],):
+            raise ValueError(f"per-sample times {list(t.shape)} for a batch of {z.shape[0]}")
+        return torch.func.vmap(lambda ti, zi: self.inner(ti, zi[None])[0])(t, z)
+
+
+class TorchodeFlow(nn.Module):
+    """A bench flow (``build_flow``: CNF blocks around dense fields) solved by torchode.
+
+    Each block: the state (z, logp) as one [B, d + 1] tensor per sample, the
+    block's ``ODEFunc`` (its Hutchinson noise drawn as ``CNF.forward`` draws it, so
+    every provider sees the same noise) as the ``ODETerm``, dopri5 with an
+    integral step-size controller at the block's atol and rtol from 0 to T,
+    ``AutoDiffAdjoint`` (gradients by backpropagation through the steps). Every
+    sample has its own steps; the field is still called on the whole batch, and
+    each call counts one NFE (``CNF.nfe_forward``), as torchdiffeq's do.
+    ``bench_solve_note``: torchode's per-sample counts of the last solve.
+    """
+
+    bench_ode_solver = "torchode"
+
+    def __init__(self, flow: nn.Module) -> None:
+        super().__init__()
+        self.flow = flow
+        self.bench_solve_note: str | None = None
+
+    def _cnfs(self) -> list[CNF]:
+        return [m for m in self.flow.modules() if isinstance(m, CNF)]
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        z, delta_logp = x, x.new_zeros(x.shape[0])
+        notes = []
+        for b, cnf in enumerate(self._cnfs()):
+            z, delta_logp, stats = self._solve(cnf, z, delta_logp)
+            notes.append(f"block {b}: {stats}")
+        self.bench_solve_note = "torchode dopri5, per-sample steps; " + "; ".join(notes)
+        return standard_normal_logprob(z) - delta_logp
+
+    @staticmethod
+    def _solve(cnf: CNF, x: torch.Tensor, logp: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        import torchode
+
+        func = cnf.odefunc
+        func.reset_nfe()
+        func.draw_noise(x)
+        d = x.shape[1]
+
+        def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            dz, neg_div = func(t, (y[:, :d], y[:, d]))
+            return torch.cat([dz, neg_div[:, None]], 1)
+
+        term = torchode.ODETerm(f)
+        solver = torchode.AutoDiffAdjoint(
+            torchode.Dopri5(term=term),
+            torchode.IntegralController(atol=cnf.atol, rtol=cnf.rtol, term=term))
+        B = x.shape[0]
+        T = cnf.T.to(dtype=x.dtype, device=x.device)
+        problem = torchode.InitialValueProblem(
+            y0=torch.cat([x, logp[:, None]], 1),
+            t_start=torch.zeros(B, dtype=x.dtype, device=x.device), t_end=T.expand(B))
+        sol = solver.solve(problem)
+        failed = int((sol.status != 0).sum())
+        if failed:
+            raise RuntimeError(f"torchode: {failed} of {B} samples did not reach T (status "
+                               f"{sorted(set(sol.status.tolist()))})")
+        cnf.nfe_forward = func.nfe
+        func.reset_nfe()
+        y = sol.ys[:, -1]
+        per = sol.stats["n_f_evals"].double()
+        steps = sol.stats["n_steps"].double()
+        stats = (f"n_f_evals per sample min/median/max {int(per.min())}/"
+                 f"{per.median().item():g}/{int(per.max())}, n_steps max {int(steps.max())}")
+        return y[:, :d], y[:, d], stats
+
+
+class Torchode(Provider):
+    name = "torchode"
+    description = ("the dense masked model (autograd divergence) under torchode's dopri5, "
+                   "per-sample steps (AutoDiffAdjoint: train_solve backpropagates through "
+                   "the steps)")
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype = torch.float32
+                    ) -> str | None:
+        return torchode_unavailable()
+
+    def metric_unavailable(self, metric: str) -> str | None:
+        return None if metric in FLOW_METRICS else SOLVER_ONLY
+
+    def prepare(self, net: nn.Module, batch: int) -> Prepared:
+        return Prepared(net, {"solve": "autograd",
+                              "train_solve": "autograd (create_graph)"})
+
+    def prepare_flow(self, shape: Shape, nets: list[nn.Module], batch: int) -> nn.Module:
+        fields = nets if shape.time == "none" else [PerSampleTime(n) for n in nets]
+        return TorchodeFlow(build_flow(shape, fields))
+
+    def prepare_train_flow(self, shape: Shape, nets: list[nn.Module], batch: int
+                           ) -> nn.Module:
+        # torchode's AutoDiffAdjoint: backpropagation through the steps, whatever the shape.
+        return self.prepare_flow(shape, nets, batch)
 
 
 # --------------------------------------------------------------------------- registry
@@ -479,7 +679,12 @@ def make_providers(compile_backend: str = "inductor") -> dict[str, Provider]:
         TorchCompile(compile_backend),
         TorchCSR(),
         TorchBSR(),
-        Sparsekern("sparsekern", description="compile_sparse, backend and layout auto"),
+        Sparsekern("sparsekern", description="compile_sparse, backend and layout auto; "
+                   "flows solved by torchdiffeq"),
+        Sparsekern("sparsekern_native", engine="auto",
+                   description="the same compiled flow solved by sparsekern.odeint (native "
+                               "loop); solve and train_solve only"),
+        Torchode(),
     ]
     for backend in ("cpu", "triton", "cuda", "ref"):
         providers.append(Sparsekern(f"sparsekern_{backend}", backend=backend,
@@ -504,11 +709,11 @@ def auto_backend(device: torch.device) -> str:
 
 
 def default_providers(device: torch.device, registry: dict[str, Provider]) -> list[str]:
-    """The main providers, torch_bsr where it runs, each compiled sparsekern backend
-    that runs here and that "auto" does not already pick (on a GPU: triton is auto, cuda
-    is added), and the bf16/fp16 providers where they run (a GPU)."""
-    names = list(MAIN_PROVIDERS)
-    for name in ("torch_bsr", *REDUCED_PROVIDERS):
+    """The main providers, sparsekern_native, torch_bsr and torchode where they run, each
+    compiled sparsekern backend that runs here and that "auto" does not already pick (on a
+    GPU: triton is auto, cuda is added), and the bf16/fp16 providers where they run (a GPU)."""
+    names = [*MAIN_PROVIDERS, "sparsekern_native"]
+    for name in ("torch_bsr", "torchode", *REDUCED_PROVIDERS):
         if name in registry and registry[name].unavailable(device) is None:
             names.append(name)
     auto = auto_backend(device)

@@ -11,6 +11,8 @@ from tqdm import tqdm
 
 from bench.cases import Case, build_field, kept_weights
 from bench.metrics import (
+    FLOW_METRICS,
+    FLOW_RUNNERS,
     METRICS,
     RUNNERS,
     Inputs,
@@ -19,7 +21,6 @@ from bench.metrics import (
     make_inputs,
     rel_err,
     roofline,
-    run_solve,
 )
 from bench.providers import Prepared, Provider
 from bench.schema import empty_row
@@ -74,7 +75,7 @@ def _base_row(case: Case, provider: str, metric: str, batch: int, settings: Sett
         device=str(settings.device), threads=torch.get_num_threads(), roofline_gflops=roof,
         masks=settings.masks if case.structure == "unstructured" and case.density < 1 else None,
     )
-    if metric == "solve":
+    if metric in FLOW_METRICS:
         row.update(atol=shape.atol, rtol=shape.rtol)
     return row
 
@@ -87,8 +88,16 @@ def _fill(row: dict[str, object], result: Result, n_flops: int) -> None:
     if row["gflops"] is not None and row["roofline_gflops"]:
         row["roofline_fraction"] = row["gflops"] / row["roofline_gflops"]
     if result.nfe is not None:
-        row.update(nfe=result.nfe, per_nfe_ms=t.median_ms / max(result.nfe, 1),
-                   model_ms=result.model_ms, solver_ms=result.solver_ms)
+        evals = result.nfe + (result.nfe_backward or 0)
+        row.update(nfe=result.nfe, nfe_backward=result.nfe_backward,
+                   per_nfe_ms=t.median_ms / max(evals, 1), model_ms=result.model_ms,
+                   solver_ms=result.solver_ms, ode_solver=result.ode_solver,
+                   solve_note=result.solve_note)
+
+
+def metrics_of(provider: Provider, metrics: list[str]) -> list[str]:
+    """The metrics of ``metrics`` that ``provider`` measures (``metric_unavailable``)."""
+    return [m for m in metrics if provider.metric_unavailable(m) is None]
 
 
 def _speedups(rows: list[dict[str, object]]) -> None:
@@ -112,7 +121,8 @@ class CaseRunner:
         shape = case.shape
         self.batch = settings.batch or shape.batch
         self.solve_batch = min(self.batch, settings.solve_batch or self.batch)
-        n_blocks = shape.blocks if "solve" in settings.metrics else 1
+        flow_metrics = any(m in FLOW_METRICS for m in settings.metrics)
+        n_blocks = shape.blocks if flow_metrics else 1
         if settings.solve_blocks:
             n_blocks = min(n_blocks, settings.solve_blocks)
         self.nets = [build_field(case, dtype=settings.dtype, device=settings.device,
@@ -122,6 +132,7 @@ class CaseRunner:
         self.inputs: Inputs = make_inputs(shape.dim, self.batch, self.solve_batch, shape.T,
                                           settings.dtype, settings.device, settings.seed)
         self.reference: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.reference_keys: dict[str, tuple[str, ...] | None] = {}
 
     def roofline_row(self) -> dict[str, object]:
         s = self.settings
@@ -140,7 +151,8 @@ class CaseRunner:
 
     def _solve_roofline(self, roof: float | None) -> float | None:
         """The dense GEMM rate at the solve's batch (the case's roofline if they agree)."""
-        if self.solve_batch == self.batch or "solve" not in self.settings.metrics:
+        if self.solve_batch == self.batch or not any(m in FLOW_METRICS
+                                                     for m in self.settings.metrics):
             return roof
         s = self.settings
         try:
@@ -155,6 +167,9 @@ class CaseRunner:
         roof = roof_row["gflops"]
         roof_solve = self._solve_roofline(roof)
         for provider in self.providers:
+            metrics = metrics_of(provider, self.settings.metrics)
+            if not metrics:
+                continue
             prepared: Prepared | None = None
             prep_error = None
             try:
@@ -162,17 +177,18 @@ class CaseRunner:
                 prepared = provider.prepare(self.nets[0], self.batch)
             except Exception as exc:
                 prep_error = _error(exc)
-            for metric in self.settings.metrics:
+            for metric in metrics:
                 self.bar.set_postfix_str(f"{provider.name} {metric}", refresh=False)
-                batch = self.solve_batch if metric == "solve" else self.batch
+                flow_metric = metric in FLOW_METRICS
+                batch = self.solve_batch if flow_metric else self.batch
                 row = _base_row(self.case, provider.name, metric, batch, self.settings,
-                                self.kept[0], roof_solve if metric == "solve" else roof)
+                                self.kept[0], roof_solve if flow_metric else roof)
                 if prepared is not None:
                     row["div_impl"] = prepared.div_impl.get(metric)
                     row["backend"] = prepared.info.get("backend")
                     row["layouts"] = prepared.info.get("layouts")
                     row["precision"] = prepared.info.get("precision")
-                if prep_error is not None and metric != "solve":
+                if prep_error is not None and not flow_metric:
                     row["error"] = prep_error
                 else:
                     try:
@@ -187,11 +203,12 @@ class CaseRunner:
     def _measure(self, provider: Provider, prepared: Prepared | None, metric: str,
                  row: dict[str, object]) -> None:
         s = self.settings
-        if metric == "solve":
-            flow = provider.prepare_flow(self.case.shape, self.nets, self.solve_batch)
-            result = run_solve(flow, self.inputs, s.timing, s.device)
-            n_flops = flops("solve", self.kept[0], self.solve_batch, result.nfe_per_block,
-                            self.kept)
+        if metric in FLOW_METRICS:
+            prepare = provider.prepare_flow if metric == "solve" else provider.prepare_train_flow
+            flow = prepare(self.case.shape, self.nets, self.solve_batch)
+            result = FLOW_RUNNERS[metric](flow, self.inputs, s.timing, s.device)
+            n_flops = flops(metric, self.kept[0], self.solve_batch, result.nfe_per_block,
+                            self.kept, result.nfe_backward_per_block)
         else:
             if prepared is None:
                 raise RuntimeError("provider was not prepared")
@@ -200,8 +217,15 @@ class CaseRunner:
         _fill(row, result, n_flops)
         if provider.name == "dense_eager":
             self.reference[metric] = result.outputs
+            self.reference_keys[metric] = result.output_keys
         elif metric in self.reference:
-            row["rel_err"] = rel_err(result.outputs, self.reference[metric])
+            ref = self.reference[metric]
+            if result.output_keys == self.reference_keys[metric]:
+                row["rel_err"] = rel_err(result.outputs, ref)
+            else:
+                # Outputs that do not pair up (train_solve: parameters held another way,
+                # e.g. CSR values): the first output (the loss) alone.
+                row["rel_err"] = rel_err(result.outputs[:1], ref[:1])
 
 
 def run_benchmark(
@@ -223,11 +247,13 @@ def run_benchmark(
 
     Returns:
         Rows with the fields of ``bench.schema.ROW_FIELDS``: one roofline row per
-        case, then one per (provider, metric). A failure is a row with ``error``
+        case, then one per (provider, metric) the provider measures (none for
+        the others: ``Provider.metric_unavailable``). A failure is a row with ``error``
         set and no times, never an exception.
     """
     rows: list[dict[str, object]] = []
-    total = len(cases) * len(providers) * len(settings.metrics)
+    per_case = sum(len(metrics_of(p, settings.metrics)) for p in providers)
+    total = len(cases) * per_case
     with tqdm(total=total, disable=not progress, unit="meas", dynamic_ncols=True) as bar:
         for case in cases:
             bar.set_description(case.name)
@@ -239,7 +265,7 @@ def run_benchmark(
                                 settings, 0, None)
                 row["error"] = _error(exc)
                 rows.append(row)
-                bar.update(len(providers) * len(settings.metrics))
+                bar.update(per_case)
                 continue
             rows += runner.run()
             if progress:

@@ -10,6 +10,10 @@ bench/README.md reproduces both tables.
 
 from __future__ import annotations
 
+# The metrics measured on whole solves of a flow (bench.metrics); here so that the
+# torch-free report module reads the same tuple.
+FLOW_METRICS = ("solve", "train_solve")
+
 SCHEMA_VERSION = 1
 
 ROW_FIELDS: dict[str, str] = {
@@ -25,19 +29,34 @@ ROW_FIELDS: dict[str, str] = {
     "dense_weights": "prunable weights of one dense vector field",
     "masks": 'unstructured cases below density 1: "random" or "magnitude" masks; null otherwise',
     "provider": 'what ran it: "dense_eager", "torch_compile", "torch_csr", "sparsekern", '
-                '"sparsekern_<backend, layout or tier>", or "torch.mm" for the roofline row',
-    "metric": '"f", "f_div", "train_step", "solve", or "roofline"',
-    "median_ms": "median time per call (f, f_div, train_step: per NFE; solve: the whole solve)",
+                '"sparsekern_<backend, layout or tier>", "sparsekern_native", "torchode", or '
+                '"torch.mm" for the roofline row',
+    "metric": '"f", "f_div", "train_step", "solve", "train_solve", or "roofline"',
+    "median_ms": "median time per call (f, f_div, train_step: per NFE; solve, train_solve: "
+                 "the whole solve, or training step)",
     "p10_ms": "10th percentile of the samples",
     "p90_ms": "90th percentile of the samples",
     "repeats": "number of timed samples",
     "inner": "calls per sample (fast calls are batched to outlast timer resolution)",
     "first_ms": "the first call alone (includes compilation / extension load)",
-    "nfe": "solve: function evaluations of the dopri5 solve (all blocks); null otherwise",
-    "per_nfe_ms": "solve: median_ms / nfe",
-    "model_ms": "solve: median time spent inside the vector-field calls (ODEFunc.forward)",
-    "solver_ms": "solve: median time outside them (torchdiffeq's step control, tableau "
-                 "combinations, host syncs)",
+    "nfe": "solve, train_solve: function evaluations of the forward dopri5 solve (all "
+           "blocks; torchode: batched calls of the field); null otherwise",
+    "nfe_backward": "train_solve with the adjoint: function evaluations of the backward "
+                    "(adjoint) solves, all blocks; null otherwise (torchode backpropagates "
+                    "through its steps)",
+    "per_nfe_ms": "solve: median_ms / nfe; train_solve: median_ms / (nfe + nfe_backward)",
+    "model_ms": "solve, train_solve: median time spent inside the vector-field evaluations "
+                "(ODEFunc.forward, or the compiled field's forward_and_divergence that "
+                "sparsekern.odeint calls); null if none was seen from Python (sparsekern.odeint's "
+                "native evaluation of a time-free field, its C++ loop)",
+    "solver_ms": "solve, train_solve: median time outside them (step control, tableau "
+                 "combinations, host syncs; train_solve: also the adjoint's vector-Jacobian "
+                 "products and the backward)",
+    "ode_solver": 'solve, train_solve: the solver that ran it ("torchdiffeq", '
+                  '"sparsekern.odeint", "torchode")',
+    "solve_note": "solve, train_solve: what that solver said of its last solve "
+                  "(sparsekern.odeint's last_solve, torchode's per-sample counts); null for "
+                  "torchdiffeq",
     "flops": "floating-point operations on the kept weights per call (see README)",
     "gflops": "flops / median time, in GFLOP/s",
     "roofline_gflops": "GFLOP/s of torch.mm on the case's dense layer shapes at the row's "
@@ -45,7 +64,9 @@ ROW_FIELDS: dict[str, str] = {
     "roofline_fraction": "gflops / roofline_gflops",
     "speedup": "dense_eager median / this median for the same case and metric (>1: faster)",
     "rel_err": "norm-wise relative error of the outputs against dense_eager's on the same "
-               "inputs (f: dz; f_div: max over dz and div; train_step: dL/dz; solve: log p)",
+               "inputs (f: dz; f_div: max over dz and div; train_step: dL/dz; solve: log p; "
+               "train_solve: max over the loss and the kept parameters' gradients, the loss "
+               "alone where the parameters do not pair up)",
     "div_impl": 'how the divergence is computed ("autograd", "jvp", "vjp", "fused", ...)',
     "backend": "sparsekern: the backend it ran on (auto resolved); null for the others",
     "layouts": "sparsekern: per-layer layout of block 0 (dense / csr / blocked); null otherwise",
@@ -55,8 +76,8 @@ ROW_FIELDS: dict[str, str] = {
     "dtype": '"float32" or "float64"',
     "device": '"cpu", "cuda" or "cuda:<i>"',
     "threads": "torch.get_num_threads() during the run",
-    "atol": "solve: dopri5 absolute tolerance",
-    "rtol": "solve: dopri5 relative tolerance",
+    "atol": "solve, train_solve: dopri5 absolute tolerance",
+    "rtol": "solve, train_solve: dopri5 relative tolerance",
     "error": "null, or the exception that stopped this measurement (type: message)",
 }
 
@@ -69,6 +90,8 @@ META_FIELDS: dict[str, str] = {
     "options": "every option of the run (cases, providers, metrics, budget, batch, ...)",
     "providers": "description of each provider run",
     "skipped": "providers not available here, with the reason",
+    "skipped_metrics": "per provider that ran, the selected metrics it does not measure, "
+                       "with the reason (sparsekern_native, torchode: flow metrics only)",
     "started": "start time, ISO 8601 (UTC)",
     "duration_s": "wall-clock seconds of the whole run",
     "complete": "false while the run is still going (results.json is rewritten after each case)",

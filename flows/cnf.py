@@ -16,7 +16,7 @@ from torch import nn
 
 from flows.finite import check_finite_rows
 from flows.likelihood import standard_normal_logprob
-from flows.odefunc import ODEFunc, odesolve
+from flows.odefunc import ODEFunc, SolverEngine, odesolve
 
 
 class Flow(nn.Module):
@@ -131,6 +131,9 @@ class CNF(Flow):
             self.register_buffer("sqrt_T", sqrt_T)
         self.state_shape = getattr(odenet, "state_shape", None)
         self.nfe_forward = 0
+        # Which solver runs a compiled copy of this flow (flows.odefunc.odesolve):
+        # "auto" is sparsekern.odeint; "torchdiffeq" keeps torchdiffeq (benchmarks).
+        self.solver_engine: SolverEngine = "auto"
 
     @property
     def odenet(self) -> nn.Module:
@@ -174,6 +177,7 @@ class CNF(Flow):
             "rtol": self.rtol,
             "adjoint": self.adjoint,
             "options": self.solver_options,
+            "engine": self.solver_engine,
         }
 
     def extra_repr(self) -> str:

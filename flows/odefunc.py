@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from flows.divergence import DIVERGENCES, NOISE_KINDS, sample_noise
+from sparsekern import CompiledField, Dynamics
+from sparsekern import odeint as sparsekern_odeint
 from sparsekern.divergence import divergence_exact, divergence_hutchinson
 
 ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_STEP_SOLVERS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
 SOLVERS = ADAPTIVE_SOLVERS + FIXED_STEP_SOLVERS
+SolverEngine = Literal["auto", "torchdiffeq"]
 
 
 class ODEFunc(nn.Module):
@@ -49,6 +53,14 @@ class ODEFunc(nn.Module):
         """The vector field sparsekern compiles in a copy of this function."""
         return ("odenet",)
 
+    def sparsekern_dynamics(self) -> Dynamics:
+        """What this function integrates, for ``sparsekern.odeint``'s native loop."""
+        return Dynamics(self.odenet, self.divergence,
+                        self.noise if self.divergence == "hutchinson" else None, self._count)
+
+    def _count(self, n: int) -> None:
+        self.nfe += n
+
     def reset_nfe(self) -> None:
         self.nfe = 0
 
@@ -80,7 +92,10 @@ class ODEFunc(nn.Module):
         # needs a graph of f, but not a graph of the divergence itself.
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not z.requires_grad:
+            # Without a graph to extend, z is made a leaf of its own: a state that
+            # requires grad but was viewed under no_grad (odeint_adjoint's forward of a
+            # later block) has no path back to itself, and its divergence would be zero.
+            if not create_graph or not z.requires_grad:
                 z = z.detach().requires_grad_(True)
             dz = self.odenet(t, z)
             if self.divergence == "exact":
@@ -102,6 +117,7 @@ def odesolve(
     rtol: float = 1e-5,
     adjoint: bool = False,
     options: dict[str, Any] | None = None,
+    engine: SolverEngine = "auto",
 ) -> Any:
     """Integrate ``func`` from times[0] to times[-1] and return the final state.
 
@@ -113,6 +129,9 @@ def odesolve(
             ``options={"step_size": h}``.
         adjoint: backpropagate with the adjoint method (memory O(1) in steps);
             its backward solve controls steps on the seminorm (state and adjoint).
+        engine: "auto": ``sparsekern.odeint`` where ``func`` holds a compiled
+            vector field (the same steps as torchdiffeq, natively), torchdiffeq
+            otherwise; "torchdiffeq": always torchdiffeq (a benchmark's baseline).
 
     Returns:
         The state at times[-1], structured like y0.
@@ -123,15 +142,19 @@ def odesolve(
         raise ValueError(f"fixed-step solver {solver!r} needs options={{'step_size': h}}")
     if adjoint and not isinstance(func, nn.Module):
         raise TypeError("adjoint=True needs func to be an nn.Module (its parameters get adjoints)")
+    native = engine == "auto" and isinstance(getattr(func, "odenet", func), CompiledField)
+    odeint_fn, adjoint_fn = (
+        (sparsekern_odeint, functools.partial(sparsekern_odeint, adjoint=True)) if native
+        else (odeint, odeint_adjoint))
     if adjoint:
         # The backward solve's step control measures the state and its adjoint, not
         # the parameters' adjoints (torchdiffeq's seminorm): a pruned model's dense
         # weights carry gradients at pruned places that its compiled twin has no
         # coordinates for, so the default norm would give the two different steps.
-        ys = odeint_adjoint(func, y0, times, rtol=rtol, atol=atol, method=solver,
-                            options=options, adjoint_options={"norm": "seminorm"})
+        ys = adjoint_fn(func, y0, times, rtol=rtol, atol=atol, method=solver,
+                        options=options, adjoint_options={"norm": "seminorm"})
     else:
-        ys = odeint(func, y0, times, rtol=rtol, atol=atol, method=solver, options=options)
+        ys = odeint_fn(func, y0, times, rtol=rtol, atol=atol, method=solver, options=options)
     if isinstance(ys, tuple):
         return tuple(y[-1] for y in ys)
     return ys[-1]

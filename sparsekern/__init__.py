@@ -20,21 +20,26 @@ from sparsekern.field import CompiledField, FieldContract
 from sparsekern.fused import FusedMLP
 from sparsekern.generic import GenericField
 from sparsekern.masks import CompileError
-from sparsekern.protocol import LinearSpec, MLPSpec, register_mlp
+from sparsekern.protocol import Dynamics, LinearSpec, MLPSpec, register_mlp
+from sparsekern.solver import MaxStepsError, SolveError, odeint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompileError",
     "CompiledField",
+    "Dynamics",
     "FieldContract",
     "FusedMLP",
     "GenericField",
     "LinearSpec",
     "MLPSpec",
+    "MaxStepsError",
+    "SolveError",
     "SparseConfig",
     "compile_sparse",
     "compiled_fields",
+    "odeint",
     "register_mlp",
     "write_back",
 ]

@@ -7,7 +7,7 @@ ODE function, a solver) may rely on, whichever tier compiled the field.
 from __future__ import annotations
 
 import inspect
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from sparsekern.backends import BackendChoice
 from sparsekern.config import SparseConfig, check_dtype
 from sparsekern.masks import CompileError
 from sparsekern.precision import is_reduced
+
+if TYPE_CHECKING:
+    from sparsekern.solver.rk import SolveStats
 
 
 @runtime_checkable
@@ -91,6 +94,12 @@ class CompiledField(nn.Module):
     """
 
     tier = "?"
+    # How the last sparsekern.odeint solve of this field ran: the native loop with its
+    # NFE and steps, or torchdiffeq and why (shown by summary()).
+    last_solve: str | None = None
+    # Its SolveStats (the forward solve's, then the adjoint's backward solves'), whose
+    # model_seconds the C++ loop measures (the bench's model / solver split).
+    last_solve_stats: tuple[SolveStats, ...] = ()
 
     def __init__(self, source: nn.Module, config: SparseConfig) -> None:
         super().__init__()
@@ -233,3 +242,7 @@ class CompiledField(nn.Module):
 
     def summary(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _solve_line(self) -> list[str]:
+        """summary()'s last line: how the last sparsekern.odeint solve ran, if one did."""
+        return [] if self.last_solve is None else [f"Last solve: {self.last_solve}"]

@@ -25,6 +25,7 @@ as in the dense masked model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -215,6 +216,32 @@ class _GraphPrimitives(Primitives):
         return self._affine(m, scale, shift)
 
 
+@dataclass
+class OpCall:
+    """The constant inputs of a time-free field's ``mlp_fwd`` calls, for a whole solve.
+
+    ``tensors`` = values + scales + shifts (``graph``: built with autograd, so the
+    gradients the op returns for them map back to the kept values in one
+    ``torch.autograd.grad``). ``cols0``: the state dims the first layer reads,
+    None for all.
+    """
+
+    values: list[torch.Tensor]
+    index: list[torch.Tensor]
+    scales: list[torch.Tensor]
+    shifts: list[torch.Tensor]
+    layouts: list[int]
+    act: int
+    backend: str
+    precision: str
+    cols0: torch.Tensor | None
+    in_dim: int
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.values, *self.scales, *self.shifts]
+
+
 class FusedMLP(CompiledField):
     """A recognised MLP compiled to the fused program (``sparsekern.ref.mlp_fwd_ref``).
 
@@ -372,24 +399,28 @@ class FusedMLP(CompiledField):
             return values, scales, shifts
         return self._build_op_inputs(t, z, values)
 
+    def tangents(self, noise: torch.Tensor | None, exact: bool, b: int, like: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The op's (tan0 [K, n0, B], probe) for a batch of b: the Hutchinson probe
+        noise [B, d] (and its rows the first layer reads), the exact trace's unit
+        tangents, or none (noise None, not exact). Contiguous, as the kernels read them."""
+        n0 = self.cols0.numel()
+        empty = like.new_empty(0)
+        if exact:
+            eye = torch.eye(self.in_dim, dtype=like.dtype, device=like.device)
+            units = eye if self.all_cols0 else eye.index_select(1, self.cols0)
+            return units[:, :, None].expand(self.in_dim, n0, b).contiguous(), empty
+        if noise is None:
+            return like.new_empty(0, n0, b), empty
+        # One contiguous copy serves as probe and, when every state dim is read, as
+        # tangent too (the op would otherwise copy each).
+        probe = noise.t().contiguous()[None]
+        return (probe if self.all_cols0 else probe.index_select(1, self.cols0)), probe
+
     def _run_fused(self, t, z, noise, exact: bool, save: bool) -> tuple[torch.Tensor, torch.Tensor]:
         values, scales, shifts = self._op_inputs(t, z, save)
-        empty = z.new_empty(0)
         x0 = self._gather(z)
-        b, n0 = z.shape[0], x0.shape[0]
-        if exact:
-            eye = torch.eye(self.in_dim, dtype=z.dtype, device=z.device)
-            units = eye if self.all_cols0 else eye.index_select(1, self.cols0)
-            tan0 = units[:, :, None].expand(self.in_dim, n0, b)
-            probe = empty
-        elif noise is None:
-            tan0 = z.new_empty(0, n0, b)
-            probe = empty
-        else:
-            # One contiguous copy serves as probe and, when every state dim is read,
-            # as tangent too (the op would otherwise copy each).
-            probe = noise.t().contiguous()[None]
-            tan0 = probe if self.all_cols0 else probe.index_select(1, self.cols0)
+        tan0, probe = self.tangents(noise, exact, z.shape[0], z)
         f, div, _ = ops.mlp_fwd(x0, tan0, probe, values, self._index_list(), scales, shifts,
                                 self.layouts, self.act_id, exact, save, self.backend,
                                 self.config.precision)
@@ -412,6 +443,23 @@ class FusedMLP(CompiledField):
                                    [scale for _, scale, _ in program],
                                    [shift for _, _, shift in program], save=False)
         return f.t()
+
+    def op_call(self, like: torch.Tensor, graph: bool) -> OpCall | None:
+        """The op inputs for a whole solve (``OpCall``), or None where a layer reads t.
+
+        like: a tensor of the solve's dtype and device. graph: build them with
+        autograd (the adjoint maps the op's gradients back through them).
+        """
+        if not self._time_free:
+            return None
+        if graph:
+            with torch.enable_grad():
+                values, scales, shifts = self._build_op_inputs(None, like)
+        else:
+            values, scales, shifts = self._op_inputs(None, like, save=False)
+        return OpCall(values, self._index_list(), scales, shifts, self.layouts, self.act_id,
+                      self.backend, self.config.precision,
+                      None if self.all_cols0 else self.cols0, self.in_dim)
 
     # -- the contract -------------------------------------------------------------
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
@@ -452,4 +500,4 @@ class FusedMLP(CompiledField):
                 f"| {layer.name} | {layer.time} | {core.layout} | {layer.n_out}x{layer.n_in} | "
                 f"{core.n_rows}x{core.n_cols} | {core.nnz} | {100 * core.density:.1f}% | {dead} |"
             )
-        return "\n".join(lines)
+        return "\n".join(lines + self._solve_line())

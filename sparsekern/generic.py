@@ -309,7 +309,9 @@ class GenericField(CompiledField):
         # The divergence's own products (autograd through the field) under the same rule.
         with torch.enable_grad(), cuda_matmul_precision(z.device,
                                                         uses_tf32(self.config.precision)):
-            zz = z if z.requires_grad else z.detach().requires_grad_(True)
+            # Without a graph to extend, z becomes a leaf of its own: a z that requires
+            # grad but was viewed under no_grad has no path back to itself (zero trace).
+            zz = z if create_graph and z.requires_grad else z.detach().requires_grad_(True)
             args = (zz,) if self.arity == 1 else (t, zz)
             dz = self(*args)
             if noise is None:
@@ -351,4 +353,4 @@ class GenericField(CompiledField):
                          f"{c.n_rows}x{c.n_cols} | {c.nnz} | {100 * c.density:.1f}% |")
         if self.eager_ops:
             lines.append("Run dense (fallback='eager'): " + ", ".join(self.eager_ops))
-        return "\n".join(lines)
+        return "\n".join(lines + self._solve_line())

@@ -98,6 +98,37 @@ class DeclaresFields(Protocol):
     def sparsekern_fields(self) -> tuple[str, ...]: ...
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: it holds a tensor
+class Dynamics:
+    """What an ODE function integrates, so ``sparsekern.odeint`` can run it natively.
+
+    A tensor state z gives dz/dt = field(t, z). A tuple state (z, logp) gives
+    (field(t, z), -div field), a continuous normalizing flow's dynamics, with the
+    divergence exact or Hutchinson's with the fixed probe ``noise`` [B, d] (drawn
+    once per solve by the caller).
+
+    Attributes:
+        field: the vector field, a module called field(t, z) or field(z); the
+            native solver runs it when it is a ``CompiledField``.
+        divergence: "exact" or "hutchinson" (used for tuple states).
+        noise: the Hutchinson probe, like z; None for the exact trace.
+        count: told the number of field evaluations a native solve made (the
+            ODE function's NFE counter), or None.
+    """
+
+    field: nn.Module
+    divergence: Literal["exact", "hutchinson"] = "exact"
+    noise: torch.Tensor | None = None
+    count: Callable[[int], None] | None = None
+
+
+@runtime_checkable
+class DescribesDynamics(Protocol):
+    """An ODE function that says what it integrates (``Dynamics``)."""
+
+    def sparsekern_dynamics(self) -> Dynamics: ...
+
+
 Describe = Callable[[nn.Module], MLPSpec | None]
 _REGISTRY: dict[type, Describe] = {}
 _M = TypeVar("_M", bound=nn.Module)

@@ -19,11 +19,11 @@ from bench import main as bench_main
 from bench.cases import QUICK_CASES, SHAPES, Case, Shape, all_cases, build_field, kept_weights
 from bench.cases import select_cases as select
 from bench.compare import classify, compare_rows, has_regressions
-from bench.metrics import METRICS
-from bench.providers import make_providers, resolve_providers
+from bench.metrics import FLOW_METRICS, METRICS, run_solve, run_train_solve
+from bench.providers import SOLVER_ONLY, make_providers, resolve_providers
 from bench.report import consistency_problems, load_results, readme_table, write_report
 from bench.report import main as report_main
-from bench.runner import Settings, run_benchmark
+from bench.runner import Settings, metrics_of, run_benchmark
 from bench.schema import ROW_FIELDS
 from bench.timing import TimingConfig, measure
 
@@ -31,6 +31,7 @@ from bench.timing import TimingConfig, measure
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
 TINY = Shape("tiny", 3, (12, 12), "softplus", "concatsquash", 2, 8, 1e-4, 1e-3, 0.5)
+TINY1 = Shape("tiny1", 3, (12, 12), "softplus", "concatsquash", 1, 8, 1e-4, 1e-3, 0.5)
 CPU = torch.device("cpu")
 
 
@@ -75,7 +76,13 @@ def test_every_provider_and_metric_gives_a_sane_row(tiny_rows):
     for case, provs in (("tiny/unstructured/0.4", names),
                         ("tiny/structured/0.5", STRUCTURED_PROVIDERS)):
         got = {(r["provider"], r["metric"]) for r in rows if r["case"] == case}
-        assert got == {(p, m) for p in provs for m in METRICS} | {("torch.mm", "roofline")}
+        registry = make_providers()
+        assert got == {(p, m) for p in provs for m in metrics_of(registry[p], list(METRICS))
+                       } | {("torch.mm", "roofline")}
+    # solver providers: flow metrics only
+    for name in ("sparsekern_native", "torchode"):
+        if name in names:
+            assert {r["metric"] for r in rows if r["provider"] == name} == set(FLOW_METRICS)
     json.dumps(rows)  # JSON-ready
 
 
@@ -87,9 +94,19 @@ def test_providers_agree_on_outputs_and_solve_nfe(tiny_rows):
         base = next(r["nfe"] for r in solves if r["provider"] == "dense_eager")
         assert base > 0
         for r in solves:
-            assert abs(r["nfe"] - base) <= 0.02 * base, (r["provider"], r["nfe"], base)
-            assert r["model_ms"] > 0 and r["solver_ms"] >= 0
+            if r["provider"] != "torchode":  # per-sample steps: its own NFE
+                assert abs(r["nfe"] - base) <= 0.02 * base, (r["provider"], r["nfe"], base)
+        for r in (x for x in rows if x["case"] == case and x["metric"] in FLOW_METRICS):
+            if r["model_ms"] is None:  # a native loop that evaluates the field in C++ / ops
+                assert r["provider"] == "sparsekern_native" and r["solver_ms"] is None
+                continue
+            assert r["model_ms"] > 0 and r["solver_ms"] >= 0, (r["provider"], r["metric"])
             assert r["model_ms"] + r["solver_ms"] == pytest.approx(r["median_ms"], rel=0.5)
+            assert r["ode_solver"] == {"sparsekern_native": "sparsekern.odeint",
+                                       "torchode": "torchode"}.get(r["provider"], "torchdiffeq")
+            if r["metric"] == "train_solve":
+                assert r["nfe"] > 0 and r["atol"] == TINY.atol
+                assert (r["nfe_backward"] is None) == (r["provider"] == "torchode")
         for r in rows:
             if r["case"] == case and r["provider"] != "dense_eager" and r["metric"] != "roofline":
                 assert r["rel_err"] is not None and r["rel_err"] < 1e-3, r
@@ -106,6 +123,13 @@ def test_flop_counts_follow_the_documented_convention(tiny_rows):
         assert r[("tiny/unstructured/0.4", "sparsekern", metric)]["flops"] == per * k * b
     solve = r[("tiny/unstructured/0.4", "sparsekern", "solve")]
     assert solve["flops"] == 4 * b * k * solve["nfe"]  # both blocks keep k weights
+    train = r[("tiny/unstructured/0.4", "sparsekern", "train_solve")]
+    assert train["flops"] == 4 * b * k * train["nfe"] + 12 * b * k * train["nfe_backward"]
+    assert train["per_nfe_ms"] == pytest.approx(
+        train["median_ms"] / (train["nfe"] + train["nfe_backward"]))
+    if ("tiny/unstructured/0.4", "torchode", "train_solve") in r:  # through the steps
+        ode = r[("tiny/unstructured/0.4", "torchode", "train_solve")]
+        assert ode["flops"] == 12 * b * k * ode["nfe"]
 
 
 def test_cases_prune_to_the_requested_density():
@@ -283,3 +307,149 @@ def test_reduced_precision_providers_run_on_cuda_only_and_are_checked_loosely():
     assert consistency_problems(rows) == [
         "c sparsekern_fp16 f_div: outputs differ from dense_eager by 1.00e-02 (relative)",
         "c sparsekern f_div: outputs differ from dense_eager by 1.00e-02 (relative)"]
+
+
+# ------------------------------------------------------------------ solvers, train_solve
+
+FAST = TimingConfig(budget_s=0.005, warmup=1, min_repeats=1, max_repeats=1, min_sample_s=1e-4)
+
+
+def _flow_inputs(shape, dtype=torch.float32, batch=16):
+    from bench.metrics import make_inputs
+
+    return make_inputs(shape.dim, batch, batch, shape.T, dtype, CPU, seed=0)
+
+
+def _nets(shape, dtype=torch.float32, structure="unstructured", density=0.4):
+    return [build_field(Case(shape, structure, density), dtype=dtype, block=b)
+            for b in range(shape.blocks)]
+
+
+def _cnfs(flow):
+    from flows.cnf import CNF
+
+    return [m for m in flow.modules() if isinstance(m, CNF)]
+
+
+def test_sparsekern_solves_under_torchdiffeq_and_sparsekern_native_natively():
+    """The sparsekern provider keeps the compiled field inside torchdiffeq; sparsekern_native
+    is the same compiled flow under sparsekern.odeint: in float64 the same steps (NFE)
+    and log-likelihood."""
+    registry = make_providers()
+    nets = _nets(TINY, torch.float64)
+    inputs = _flow_inputs(TINY, torch.float64)
+    results = {}
+    for name, engine in (("sparsekern", "torchdiffeq"), ("sparsekern_native", "auto")):
+        flow = registry[name].prepare_flow(TINY, nets, 16)
+        cnfs = _cnfs(flow)
+        assert len(cnfs) == 2 and all(c.solver_engine == engine for c in cnfs)
+        results[name] = run_solve(flow, inputs, FAST, CPU)
+        notes = [c.odefunc.odenet.last_solve for c in cnfs]  # set by sparsekern.odeint only
+        if name == "sparsekern":
+            assert notes == [None, None] and results[name].ode_solver == "torchdiffeq"
+        else:
+            assert all(n.startswith("native") for n in notes), notes
+            assert results[name].ode_solver == "sparsekern.odeint"
+    td, native = results["sparsekern"], results["sparsekern_native"]
+    assert native.nfe_per_block == td.nfe_per_block and td.nfe > 0
+    torch.testing.assert_close(native.outputs[0], td.outputs[0], rtol=1e-10, atol=1e-10)
+    assert td.model_ms > 0
+    # The native loop's field calls are timed where it makes them from Python (this
+    # time-dependent field); a time-free field is evaluated without a module call.
+    assert native.model_ms is None or native.model_ms > 0
+    for name in ("sparsekern_native", "torchode"):
+        for metric in ("f", "f_div", "train_step"):
+            assert registry[name].metric_unavailable(metric) == SOLVER_ONLY
+        assert all(registry[name].metric_unavailable(m) is None for m in FLOW_METRICS)
+    assert registry["sparsekern"].metric_unavailable("f_div") is None
+
+
+def test_train_solve_agrees_across_dense_sparsekern_and_native():
+    """One training step of a one-block flow (adjoint): dense_eager, sparsekern (under
+    torchdiffeq) and sparsekern_native give the same loss, kept-parameter gradients and
+    forward and backward NFE in float64."""
+    registry = make_providers()
+    nets = _nets(TINY1, torch.float64)
+    inputs = _flow_inputs(TINY1, torch.float64)
+    got = {}
+    for name in ("dense_eager", "sparsekern", "sparsekern_native"):
+        flow = registry[name].prepare_train_flow(TINY1, nets, 16)
+        assert all(c.adjoint for c in _cnfs(flow))  # Shape.adjoint: True, as the presets
+        got[name] = run_train_solve(flow, inputs, FAST, CPU)
+        assert all(p.grad is None for p in nets[0].parameters())  # left clean for the next
+    ref = got["dense_eager"]
+    assert ref.nfe > 0 and ref.nfe_backward > 0 and ref.ode_solver == "torchdiffeq"
+    assert ref.output_keys[0] == "loss" and "0:layers.0.linear.weight" in ref.output_keys
+    for name in ("sparsekern", "sparsekern_native"):
+        r = got[name]
+        assert (r.nfe, r.nfe_backward) == (ref.nfe, ref.nfe_backward), name
+        assert r.output_keys == ref.output_keys, name
+        torch.testing.assert_close(r.outputs[0], ref.outputs[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(r.outputs[1], ref.outputs[1], rtol=1e-7, atol=1e-9)
+    assert got["sparsekern_native"].ode_solver == "sparsekern.odeint"
+    assert ref.outputs[1].abs().sum() > 0
+
+
+def test_dense_train_solve_of_a_later_block_takes_the_compiled_steps():
+    """The autograd divergence of a later block under the adjoint's no-grad forward solve
+    (flows.odefunc, test_cnf's test_divergence_under_no_grad_*) gives the fused steps."""
+    registry = make_providers()
+    nets = _nets(TINY)
+    inputs = _flow_inputs(TINY)
+    dense = run_train_solve(registry["dense_eager"].prepare_train_flow(TINY, nets, 16), inputs,
+                            FAST, CPU)
+    fused = run_train_solve(registry["sparsekern"].prepare_train_flow(TINY, nets, 16), inputs,
+                            FAST, CPU)
+    assert dense.nfe_per_block == fused.nfe_per_block
+
+
+def test_torchode_provider_runs_or_says_why_not(monkeypatch):
+    import sys
+
+    from bench import providers
+
+    registry = make_providers()
+    reason = registry["torchode"].unavailable(CPU)
+    if reason is None:
+        nets = _nets(TINY)
+        inputs = _flow_inputs(TINY)
+        dense = run_solve(registry["dense_eager"].prepare_flow(TINY, nets, 16), inputs, FAST,
+                          CPU)
+        flow = registry["torchode"].prepare_flow(TINY, nets, 16)
+        ode = run_solve(flow, inputs, FAST, CPU)
+        assert ode.ode_solver == "torchode" and "per-sample" in ode.solve_note
+        assert ode.nfe > 0 and len(ode.nfe_per_block) == 2 and ode.model_ms > 0
+        # other steps, the same model, noise and tolerances: close, not equal
+        torch.testing.assert_close(ode.outputs[0], dense.outputs[0], rtol=1e-2, atol=1e-2)
+        train = run_train_solve(registry["torchode"].prepare_train_flow(TINY, nets, 16),
+                                inputs, FAST, CPU)
+        assert train.nfe_backward is None and train.outputs[1].abs().sum() > 0
+    else:
+        assert "torchode" in reason
+    # without torchode: a reason, never a crash
+    providers.torchode_unavailable.cache_clear()
+    monkeypatch.setitem(sys.modules, "torchode", None)
+    try:
+        why = registry["torchode"].unavailable(CPU)
+        assert why is not None and "torchode is not installed" in why and "pip install" in why
+    finally:
+        monkeypatch.delitem(sys.modules, "torchode")
+        providers.torchode_unavailable.cache_clear()
+    if reason is None:
+        assert registry["torchode"].unavailable(CPU) is None
+
+
+def test_report_checks_torchode_loosely_and_train_solve_nfe_strictly():
+    def row(provider, metric, rel_err=None, nfe=None, nfe_backward=None):
+        r = dict.fromkeys(ROW_FIELDS)
+        r.update(case="c", provider=provider, metric=metric, rel_err=rel_err, nfe=nfe,
+                 nfe_backward=nfe_backward, dtype="float32")
+        return r
+
+    rows = [row("dense_eager", "solve", None, 100), row("dense_eager", "train_solve", None, 100,
+                                                         80),
+            row("torchode", "solve", 5e-3, 140), row("torchode", "train_solve", 2e-2, 140),
+            row("sparsekern_native", "train_solve", 1e-6, 100, 90)]
+    assert consistency_problems(rows) == [
+        "c torchode train_solve: outputs differ from dense_eager by 2.00e-02 (relative)",
+        "c sparsekern_native train_solve: backward NFE 90 against dense_eager's 80"]

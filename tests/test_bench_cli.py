@@ -31,8 +31,8 @@ from bench.cli import (
     output_dir,
     resolve_selection,
 )
-from bench.metrics import METRICS
-from bench.providers import make_providers, resolve_providers
+from bench.metrics import FLOW_METRICS, METRICS
+from bench.providers import SOLVER_ONLY, make_providers, resolve_providers
 from bench.report import load_results
 from bench.schema import ROW_FIELDS, SCHEMA_VERSION
 
@@ -83,12 +83,16 @@ def _check_row(r: dict) -> None:
     assert r["gflops"] == pytest.approx(r["flops"] / (r["median_ms"] * 1e-3) / 1e9)
     assert r["batch"] == 64 and r["threads"] == 1
     assert (r["dtype"], r["device"]) == ("float32", "cpu")
-    if r["metric"] == "solve":
+    if r["metric"] in FLOW_METRICS:
         assert isinstance(r["nfe"], int) and r["nfe"] > 0, what
-        assert r["per_nfe_ms"] == pytest.approx(r["median_ms"] / r["nfe"])
+        evals = r["nfe"] + (r["nfe_backward"] or 0)
+        assert r["per_nfe_ms"] == pytest.approx(r["median_ms"] / evals)
         assert r["model_ms"] > 0 and r["solver_ms"] >= 0
+        assert r["ode_solver"] and r["atol"] and r["rtol"]
+        assert (r["nfe_backward"] is not None) == (r["metric"] == "train_solve"), what
     else:
         assert r["nfe"] is None and r["per_nfe_ms"] is None, what
+        assert r["nfe_backward"] is None and r["ode_solver"] is None, what
     if r["metric"] == "roofline":
         assert r["provider"] == "torch.mm" and r["speedup"] is None
     else:
@@ -111,7 +115,7 @@ def run_a(tmp_path_factory):
 
 def test_python_m_bench_writes_results_json_md_and_plots(run_a):
     out, proc = run_a
-    assert "bench: 2 cases x 3 providers x 4 metrics" in proc.stderr
+    assert f"bench: 2 cases x 3 providers x {len(METRICS)} metrics" in proc.stderr
     doc = json.loads((out / "results.json").read_text())
     assert doc["schema"] == SCHEMA_VERSION and set(doc) == {"schema", "meta", "rows"}
     meta, rows = doc["meta"], doc["rows"]
@@ -123,6 +127,7 @@ def test_python_m_bench_writes_results_json_md_and_plots(run_a):
     assert (opts["min_repeats"], opts["max_repeats"], opts["warmup"]) == (3, 3, 1)
     assert opts["threads"] == 1 and opts["batch"] == 64 and opts["quick"] is False
     assert set(meta["providers"]) == set(PROVIDERS) and meta["skipped"] == {}
+    assert meta["skipped_metrics"] == {}
 
     got = [(r["case"], r["provider"], r["metric"]) for r in rows]
     want = {(c, p, m) for c in CASES for p in PROVIDERS for m in METRICS}
@@ -131,8 +136,10 @@ def test_python_m_bench_writes_results_json_md_and_plots(run_a):
     for r in rows:
         _check_row(r)
     for c in CASES:  # every provider's solve took dense_eager's NFE (same noise, same model)
-        nfes = {r["nfe"] for r in rows if r["case"] == c and r["metric"] == "solve"}
-        assert len(nfes) == 1, (c, nfes)
+        for metric in FLOW_METRICS:
+            nfes = {(r["nfe"], r["nfe_backward"]) for r in rows
+                    if r["case"] == c and r["metric"] == metric}
+            assert len(nfes) == 1, (c, metric, nfes)
 
     md = (out / "results.md").read_text()
     assert md.startswith("# Sparse Flows benchmark: ")
@@ -250,6 +257,42 @@ def test_explicit_options_override_the_parts_of_quick():
     assert full.budget_s == 1.0
     with pytest.raises(ValueError, match="--budget"):
         _selection("--budget", "0")
+
+
+def test_solver_providers_measure_flow_metrics_only_and_say_so(tmp_path, capsys):
+    """sparsekern_native (and torchode, where installed) write rows for the flow metrics
+    only; the metrics they skip are in meta["skipped_metrics"], with the reason."""
+    out = tmp_path / "solvers"
+    providers = ["dense_eager", "sparsekern", "sparsekern_native", "torchode"]
+    argv = ["--cases", CASES[0], "--metrics", "f_div", "solve", "train_solve", "--providers",
+            *providers, "--out", str(out), "--no-plots", *TINY]
+    assert bench_main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"sparsekern_native does not measure f_div: {SOLVER_ONLY}" in err
+    meta, rows = load_results(out / "results.json")
+    ran = [p for p in providers if p not in meta["skipped"]]
+    assert meta["skipped_metrics"] == {p: {"f_div": SOLVER_ONLY} for p in ran
+                                      if p in ("sparsekern_native", "torchode")}
+    got = {(r["provider"], r["metric"]) for r in rows if r["metric"] != "roofline"}
+    want = {(p, m) for p in ran for m in ("f_div", "solve", "train_solve")}
+    want -= {(p, "f_div") for p in ("sparsekern_native", "torchode")}
+    assert got == want
+    by = {(r["provider"], r["metric"]): r for r in rows}
+    for metric in FLOW_METRICS:  # the toy flow has one block: the same steps everywhere
+        assert by[("sparsekern", metric)]["ode_solver"] == "torchdiffeq"
+        assert by[("sparsekern_native", metric)]["ode_solver"] == "sparsekern.odeint"
+        for p in ("sparsekern", "sparsekern_native"):
+            assert by[(p, metric)]["nfe"] == by[("dense_eager", metric)]["nfe"]
+            assert by[(p, metric)]["rel_err"] < 1e-3
+    if "torchode" in ran:
+        assert by[("torchode", "solve")]["ode_solver"] == "torchode"
+        assert by[("torchode", "solve")]["rel_err"] < 1e-2
+    else:
+        assert "torchode" in meta["skipped"]["torchode"]
+    md = (out / "results.md").read_text()
+    assert "### train_solve: NFE of the forward and the backward (adjoint) solves" in md
+    assert "Metrics a provider does not measure: sparsekern_native: f_div" in md
+    assert "Every provider's outputs agree" in md
 
 
 def test_sparseflow_bench_passes_its_options_through(run_a, tmp_path):

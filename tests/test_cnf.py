@@ -218,3 +218,20 @@ def test_cnf_rejects_bad_configuration():
         CNF(net, T=0.0)
     with pytest.raises(ValueError, match=r"delta_logp must have shape \[2\]"):
         CNF(net)(torch.randn(2, 2), torch.zeros(3))
+
+
+def test_divergence_under_no_grad_of_a_state_that_requires_grad():
+    """odeint_adjoint's forward solve of a later flow block evaluates, under no_grad,
+    views of a state that requires grad: the autograd divergence must still be df/dz's
+    trace, not zero (it was, before z was detached there)."""
+    from flows.odefunc import ODEFunc
+    from flows.odenet import ODEnet
+
+    f = ODEFunc(ODEnet(2, [8], time="none", activation="tanh"), divergence="exact")
+    w = torch.randn(5, 2, requires_grad=True) * 1.0
+    y = torch.cat([w.reshape(-1), torch.zeros(5)])
+    t = torch.tensor(0.0)
+    with torch.no_grad():
+        _, div = f(t, (y[:10].view(5, 2), torch.zeros(5)))
+    _, ref = f(t, (w.detach(), torch.zeros(5)))
+    torch.testing.assert_close(div, ref.detach())

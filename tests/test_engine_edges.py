@@ -758,3 +758,20 @@ def test_interpreted_edges_pass():
 
 
 test_interpreted_edges_pass.__test__ = not INTERPRETED and DEVICE.type == "cpu"
+
+
+def test_generic_divergence_under_no_grad_of_a_state_that_requires_grad():
+    """A state that requires grad but was viewed under no_grad (odeint_adjoint's forward
+    solve of a later flow block) has no path back to itself: the generic tier's autograd
+    divergence must still be the trace of df/dz, not zero."""
+    from sparsekern import SparseConfig, compile_sparse
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    f = compile_sparse(net, SparseConfig(tier="generic", backend="ref"))
+    w = torch.randn(5, 2, requires_grad=True) * 1.0
+    y = torch.cat([w.reshape(-1), torch.zeros(5)])
+    with torch.no_grad():
+        _, div = f.forward_and_divergence(None, y[:10].view(5, 2))
+    _, ref = f.forward_and_divergence(None, w.detach())
+    torch.testing.assert_close(div, ref)

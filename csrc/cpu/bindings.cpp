@@ -10,4 +10,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("spmm_blocked", &sparsekern::cpu::spmm_blocked, "W x for W in the blocked layout");
   m.def("mlp_fwd", &sparsekern::cpu::mlp_fwd, "fused MLP forward + JVP");
   m.def("mlp_bwd", &sparsekern::cpu::mlp_bwd, "reverse mode of mlp_fwd");
+  m.def("rk_solve", &sparsekern::cpu::rk_solve,
+        "adaptive Runge-Kutta solve (torchdiffeq's algorithm) with the fused MLP as the field");
+  m.def("rk_solve_adjoint", &sparsekern::cpu::rk_solve_adjoint,
+        "the adjoint's backward solve of one interval (rk_solve's loop, mlp_bwd's VJPs)");
 }

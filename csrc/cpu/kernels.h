@@ -551,5 +551,39 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>
     const std::vector<int64_t>& layouts, int64_t act, bool exact,
     const std::vector<Tensor>& saved);
 
+// A whole adaptive Runge-Kutta solve (torchdiffeq's RKAdaptiveStepsizeODESolver) of
+// dy/dt = sign * [f(z) | -div f(z)] with the fused program above as the
+// time-independent field f, called directly (rk_solve.cpp). y0: z feature-major
+// ([d, B] flat), then B log-densities if has_logp. Returns (solution [T, N], nfe,
+// accepted steps, rejected steps, seconds inside the field's kernels: the model time).
+using SolveResult = std::tuple<Tensor, int64_t, int64_t, int64_t, double>;
+
+SolveResult rk_solve(
+    const Tensor& y0, const Tensor& times, double sign, const Tensor& a, const Tensor& c_sol,
+    const Tensor& c_err, const Tensor& c_mid, int64_t order, double rtol, double atol,
+    double first_step, double safety, double ifactor, double dfactor, int64_t max_num_steps,
+    const std::vector<int64_t>& segments, int64_t d, int64_t B, bool has_logp, const Tensor& cols0,
+    const Tensor& tan0, const Tensor& probe, const std::vector<Tensor>& values,
+    const std::vector<Tensor>& index, const std::vector<Tensor>& scales,
+    const std::vector<Tensor>& shifts, const std::vector<int64_t>& layouts, int64_t act,
+    bool exact);
+
+// The adjoint's backward solve of one output interval (sparsekern/solver/adjoint.py) with
+// the same loop and field (rk_solve.cpp). aug0 [1 + 2N + P]: a_t, y (rk_solve's layout),
+// a_y (the same), then the adjoints of the op's values, scales and shifts (each
+// flattened, in that order). times: the backward solve's own increasing times s = -t;
+// sign: the forward system's. Its derivative is -[0 | F(y) | G_y | G_params], F the
+// forward system's derivative and G its vector-Jacobian product with -a_y (mlp_bwd).
+// Returns (solution [T, 1 + 2N + P], nfe, accepted steps, rejected steps, model seconds).
+SolveResult rk_solve_adjoint(
+    const Tensor& aug0, const Tensor& times, double sign, const Tensor& a, const Tensor& c_sol,
+    const Tensor& c_err, const Tensor& c_mid, int64_t order, double rtol, double atol,
+    double first_step, double safety, double ifactor, double dfactor, int64_t max_num_steps,
+    const std::vector<int64_t>& segments, int64_t d, int64_t B, bool has_logp, const Tensor& cols0,
+    const Tensor& tan0, const Tensor& probe, const std::vector<Tensor>& values,
+    const std::vector<Tensor>& index, const std::vector<Tensor>& scales,
+    const std::vector<Tensor>& shifts, const std::vector<int64_t>& layouts, int64_t act,
+    bool exact);
+
 }  // namespace cpu
 }  // namespace sparsekern

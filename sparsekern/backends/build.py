@@ -57,7 +57,7 @@ class Spec:
         return sources, headers
 
 
-CPU = Spec("cpu", "cpu", ("sparse_ops.cpp", "fused_mlp.cpp", "bindings.cpp"))
+CPU = Spec("cpu", "cpu", ("sparse_ops.cpp", "fused_mlp.cpp", "rk_solve.cpp", "bindings.cpp"))
 CUDA = Spec("cuda", "cuda", ("binding.cpp", "spmm.cu", "mlp_epilogue.cu", "fused_mlp.cu"))
 
 

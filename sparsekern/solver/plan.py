@@ -1,0 +1,119 @@
+"""How a solve runs: its method and step control, read from torchdiffeq-style options.
+
+``make_plan`` accepts what the native loop implements and says, in one line,
+why anything else goes to torchdiffeq (``Plan.fallback``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparsekern.solver.rk import Controls, SolveStats, integrate_adaptive, integrate_fixed
+from sparsekern.solver.tableau import TABLEAUS, Tableau
+
+# Options the native loop reads (torchdiffeq's names); any other goes to torchdiffeq.
+ADAPTIVE_OPTIONS = ("first_step", "safety", "ifactor", "dfactor", "max_num_steps")
+FIXED_OPTIONS = ("step_size", "interp")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A native solve's method and controls, or why the solve goes to torchdiffeq.
+
+    ``controls.segments`` (the error norm's slices) is filled per state
+    (``with_segments``).
+    """
+
+    method: str
+    tableau: Tableau | None
+    controls: Controls | None = None
+    step_size: float | None = None
+    fallback: str | None = None
+
+    def with_segments(self, segments: Sequence[tuple[int, int]]) -> Plan:
+        if self.controls is None:
+            return self
+        return replace(self, controls=replace(self.controls, segments=tuple(segments)))
+
+
+def _scalar_tol(name: str, tol: Any) -> float | None:
+    if isinstance(tol, Tensor):
+        if tol.numel() != 1:
+            return None
+        if tol.requires_grad:
+            raise ValueError(f"sparsekern.odeint: {name} cannot require gradient")
+        return float(tol)
+    if isinstance(tol, (int, float)):
+        return float(tol)
+    return None
+
+
+def _positive(name: str, value: Any) -> float:
+    v = float(value)
+    if not v > 0:
+        raise ValueError(f"sparsekern.odeint: options[{name!r}] must be positive, got {value}")
+    return v
+
+
+def make_plan(method: str | None, rtol: Any, atol: Any, options: Mapping[str, Any] | None
+              ) -> Plan:
+    """The native plan for ``method`` with ``options``, or a Plan whose ``fallback`` says
+    why not. ValueError for a step size that is not positive."""
+    method = method or "dopri5"
+    options = dict(options or {})
+    tab = TABLEAUS.get(method)
+    if tab is None:
+        return Plan(method, None, fallback=f"method {method!r} is not native (native: "
+                                           f"{', '.join(TABLEAUS)})")
+    if "norm" in options:
+        return Plan(method, tab, fallback="a custom error norm is not native")
+    known = ADAPTIVE_OPTIONS if tab.adaptive else FIXED_OPTIONS
+    extra = sorted(set(options) - set(known))
+    if extra:
+        return Plan(method, tab, fallback=f"option(s) {', '.join(extra)} of {method} are not "
+                                          "native")
+    if not tab.adaptive:
+        if options.get("interp", "linear") != "linear":
+            return Plan(method, tab, fallback=f"interp={options['interp']!r} is not native")
+        step = options.get("step_size")
+        return Plan(method, tab, step_size=None if step is None else _positive("step_size", step))
+    r, a = _scalar_tol("rtol", rtol), _scalar_tol("atol", atol)
+    if r is None or a is None:
+        return Plan(method, tab, fallback="per-component rtol/atol are not native")
+    first = options.get("first_step")
+    controls = Controls(
+        rtol=r, atol=a,
+        first_step=None if first is None else _positive("first_step", first),
+        safety=float(options.get("safety", 0.9)),
+        ifactor=float(options.get("ifactor", 10.0)),
+        dfactor=float(options.get("dfactor", 0.2)),
+        max_num_steps=int(options.get("max_num_steps", 2**31 - 1)),
+    )
+    return Plan(method, tab, controls=controls)
+
+
+def integrate(plan: Plan, fn, y0: Tensor, times: Tensor, grad: bool
+              ) -> tuple[list[Tensor], SolveStats]:
+    """Run the loop of ``plan`` (adaptive or fixed-step) on the flat system ``fn``.
+
+    times: increasing solver times (a 1-D tensor; with ``grad`` its entries keep
+    their graph). Returns y at every time and the solve's stats.
+    """
+    assert plan.tableau is not None and plan.fallback is None
+    native = getattr(fn, "native_solve", None)
+    if native is not None and not grad:
+        done = native(plan, y0, times)
+        if done is not None:
+            return done
+    if not plan.tableau.adaptive:
+        with torch.set_grad_enabled(grad):
+            return integrate_fixed(fn, y0, times, plan.tableau, plan.step_size)
+    assert plan.controls is not None
+    ts: Sequence = list(times.unbind(0)) if grad else times.tolist()
+    with torch.set_grad_enabled(grad):
+        return integrate_adaptive(fn, y0, ts, plan.tableau, plan.controls, grad)
