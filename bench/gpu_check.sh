@@ -176,6 +176,13 @@ print('built', $build_bk.extension().__file__)" > "$sdir/$build_bk-build.log" 2>
     python -m bench.gpu_smoke solve --device "$dev" --backends $fast --batch $batch \
     --out "$sdir/solve-$fast.json"
 
+  # (d2) the native solver on the device: its device loop (step control on the GPU, no
+  # host sync per step) and the CUDA-graph replay of its steps, against the host loop.
+  if [[ $mode != cpu ]]; then
+    smoke_step pytest-solver 40 70 "" -- "${pytest[@]}" tests/test_solver.py \
+      -k "cuda_solve or device_loop"
+  fi
+
   # (c) the compiled backend, if it was built in time.
   local built=0
   if [[ -n $build_pid ]]; then

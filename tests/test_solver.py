@@ -368,3 +368,75 @@ def test_event_handling_goes_to_torchdiffeq():
         t_ev, _ = sparsekern.odeint(f, z, torch.cat([t0, t0 + 1]), event_fn=event)
     assert abs(float(t_ev) - 0.25) < 1e-6
     assert "event handling" in f.last_solve
+
+
+# -- the device loop (step control on the device; CUDA's default) -------------------
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+@pytest.mark.parametrize("times", [[0.0, 0.3, 0.7, 1.0], [1.0, 0.0], [0.4]])
+@pytest.mark.parametrize("sync_every", [1, 3, 8])
+def test_device_loop_takes_the_host_loops_steps(method, times, sync_every):
+    """Masked steps, outputs and counters on the device: the same numbers and NFE as
+    the host loop (and so torchdiffeq), whatever the steps between two looks."""
+    _, f = _field(scale=4.0, seed=2, time="concat")
+    calls = _record_calls(f)
+    z = torch.randn(9, 2, dtype=F64)
+    t = torch.tensor(times, dtype=F64)
+    with torch.no_grad():
+        ref = torchdiffeq.odeint(f, z, t, rtol=1e-6, atol=1e-8, method=method)
+        n_ref = len(calls)
+        out = sparsekern.odeint(f, z, t, rtol=1e-6, atol=1e-8, method=method,
+                                options={"sync_every": sync_every})
+    assert "(device loop)" in f.last_solve and f"{n_ref} NFE" in f.last_solve
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_device_loop_errors_are_the_host_loops():
+    _, f = _field()
+    z = torch.randn(4, 2, dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with torch.no_grad():
+        with pytest.raises(MaxStepsError, match="max_num_steps exceeded"):
+            sparsekern.odeint(f, z, t, rtol=1e-9, atol=1e-9,
+                              options={"max_num_steps": 2, "sync_every": 4})
+        bad = z.clone()
+        bad[0, 0] = float("nan")
+        with pytest.raises(SolveError, match="non-finite"):
+            sparsekern.odeint(f, bad, t, options={"sync_every": 2})
+    with pytest.raises(ValueError, match="sync_every"):
+        sparsekern.odeint(f, z, t, options={"sync_every": 0})
+
+
+@pytest.mark.parametrize("time", ["none", "concatsquash"])
+def test_device_loop_adjoint_equals_torchdiffeq(time):
+    """Forward and backward solves on the device loop (the backward's options are the
+    forward's): the same NFE and gradients as torchdiffeq."""
+    flow = _flow(time, adjoint=True, train_T=True)
+    x = torch.randn(7, 2, dtype=F64)
+    ref = _loss_and_grads(flow, x, "torchdiffeq")
+    flow.solver_options = {"sync_every": 5}
+    out = _loss_and_grads(flow, x, "auto")
+    assert "(device loop)" in flow.odefunc.odenet.last_solve
+    assert out[2:] == ref[2:]
+    for a, b in zip(out[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_solve_keeps_its_step_control_on_the_device(cuda_graph):
+    """On CUDA the device loop is the default; with cuda_graph its steps replay as one
+    captured graph. The same steps and results as the host loop on the CPU."""
+    net, _ = _field(scale=2.0)
+    f_cpu = compile_sparse(net, SparseConfig(backend="ref"))
+    f_gpu = compile_sparse(net.cuda(), SparseConfig(backend="ref"))  # float64 on any GPU
+    z = torch.randn(64, 2, dtype=F64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    with torch.no_grad():
+        ref = sparsekern.odeint(f_cpu, z, t, rtol=1e-6, atol=1e-8)
+        out = sparsekern.odeint(f_gpu, z.cuda(), t.cuda(), rtol=1e-6, atol=1e-8,
+                                options={"cuda_graph": cuda_graph})
+    assert "(device loop)" in f_gpu.last_solve
+    assert f_gpu.last_solve.split(": ")[1] == f_cpu.last_solve.split(": ")[1]
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-9, atol=1e-9)

@@ -22,7 +22,7 @@ from sparsekern.field import CompiledField
 from sparsekern.protocol import DescribesDynamics, Dynamics
 from sparsekern.solver.adjoint import AdjointSolve, adjoint_segments
 from sparsekern.solver.native import FusedSystem, fused_dynamics
-from sparsekern.solver.plan import Plan, integrate, make_plan
+from sparsekern.solver.plan import NATIVE_OPTIONS, Plan, integrate, make_plan
 from sparsekern.solver.rk import MaxStepsError, SolveError, SolveStats
 from sparsekern.solver.system import FlatSystem, dynamics_call, parameters_of
 from sparsekern.solver.tableau import TABLEAUS, Method, Tableau
@@ -166,7 +166,10 @@ def odeint(
         method: "dopri5" (default), "bosh3", "adaptive_heun", or the fixed-step
             "rk4" and "euler" (``options={"step_size": h}``, else steps on t).
         options: torchdiffeq's options: first_step, safety, ifactor, dfactor,
-            max_num_steps; step_size for fixed steps.
+            max_num_steps; step_size for fixed steps. The native loop's own:
+            sync_every (int: keep the step control on the device, the host looking
+            every that many steps; the default on CUDA is 8, elsewhere the host
+            loop) and cuda_graph (bool: capture those steps once as a CUDA graph).
         adjoint: gradients by the adjoint method (a backward solve) instead of
             backpropagation through the steps.
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: the
@@ -245,6 +248,8 @@ def _torchdiffeq(func, y0, t, rtol, atol, method, options, adjoint, adjoint_rtol
                  adjoint_method, adjoint_options, adjoint_params, event_fn):
     import torchdiffeq  # type: ignore[import-untyped]
 
+    if options is not None:  # the native loop's own options mean nothing to torchdiffeq
+        options = {k: v for k, v in options.items() if k not in NATIVE_OPTIONS}
     if not adjoint:
         return torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method=method,
                                   options=options, event_fn=event_fn)

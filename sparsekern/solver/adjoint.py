@@ -35,6 +35,15 @@ class _Augmented:
         self.system, self.tensors = system, list(tensors)
         self.n = sum(system.sizes)
 
+    @property
+    def count(self):
+        """The field's NFE counter (the system's): the device loop counts for it."""
+        return self.system.count
+
+    @count.setter
+    def count(self, value) -> None:
+        self.system.count = value
+
     def native_solve(self, plan: Plan, aug: Tensor, times: Tensor):
         """The whole backward solve by the system's native loop, where it has one."""
         native = getattr(self.system, "native_adjoint_solve", None)
@@ -42,7 +51,7 @@ class _Augmented:
 
     def __call__(self, s, aug: Tensor, out: Tensor | None = None) -> Tensor:
         n = self.n
-        t = -float(s)
+        t = -s if isinstance(s, Tensor) else -float(s)  # a device loop's times stay tensors
         y, adj = aug[1:1 + n], aug[1 + n:1 + 2 * n]
         f, g_t, g_y, g_p = self.system.vjp(t, y, -adj, self.tensors)
         parts = [aug.new_zeros(1) if g_t is None else g_t.reshape(1), f,

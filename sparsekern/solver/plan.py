@@ -13,11 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sparsekern.solver.device_loop import integrate_on_device
 from sparsekern.solver.rk import Controls, SolveStats, integrate_adaptive, integrate_fixed
 from sparsekern.solver.tableau import TABLEAUS, Tableau
 
 # Options the native loop reads (torchdiffeq's names); any other goes to torchdiffeq.
-ADAPTIVE_OPTIONS = ("first_step", "safety", "ifactor", "dfactor", "max_num_steps")
+# NATIVE_OPTIONS are the native loop's own (``device_loop``): dropped for torchdiffeq.
+NATIVE_OPTIONS = ("sync_every", "cuda_graph")
+ADAPTIVE_OPTIONS = ("first_step", "safety", "ifactor", "dfactor", "max_num_steps",
+                    *NATIVE_OPTIONS)
 FIXED_OPTIONS = ("step_size", "interp")
 
 
@@ -34,6 +38,10 @@ class Plan:
     controls: Controls | None = None
     step_size: float | None = None
     fallback: str | None = None
+    # The device loop (``device_loop``): steps between the host's looks (None: the
+    # host loop, except on CUDA, where 8), and CUDA-graph capture of those steps.
+    sync_every: int | None = None
+    cuda_graph: bool = False
 
     def with_segments(self, segments: Sequence[tuple[int, int]]) -> Plan:
         if self.controls is None:
@@ -94,7 +102,12 @@ def make_plan(method: str | None, rtol: Any, atol: Any, options: Mapping[str, An
         dfactor=float(options.get("dfactor", 0.2)),
         max_num_steps=int(options.get("max_num_steps", 2**31 - 1)),
     )
-    return Plan(method, tab, controls=controls)
+    sync = options.get("sync_every")
+    if sync is not None and (not isinstance(sync, int) or sync < 1):
+        raise ValueError(f"sparsekern.odeint: options['sync_every'] must be a positive int, "
+                         f"got {sync!r}")
+    return Plan(method, tab, controls=controls, sync_every=sync,
+                cuda_graph=bool(options.get("cuda_graph", False)))
 
 
 def integrate(plan: Plan, fn, y0: Tensor, times: Tensor, grad: bool
@@ -114,6 +127,19 @@ def integrate(plan: Plan, fn, y0: Tensor, times: Tensor, grad: bool
         with torch.set_grad_enabled(grad):
             return integrate_fixed(fn, y0, times, plan.tableau, plan.step_size)
     assert plan.controls is not None
+    if not grad and (plan.sync_every is not None or y0.is_cuda):
+        # The step control on the device: no host sync per step (device_loop).
+        count = getattr(fn, "count", None)
+        fn.count = None  # the device loop counts the unmasked evaluations itself
+        try:
+            with torch.no_grad():
+                ys, stats = integrate_on_device(fn, y0, times, plan.tableau, plan.controls,
+                                                plan.sync_every or 8, plan.cuda_graph)
+        finally:
+            fn.count = count
+        if count is not None:
+            count(stats.nfe)
+        return ys, stats
     ts: Sequence = list(times.unbind(0)) if grad else times.tolist()
     with torch.set_grad_enabled(grad):
         return integrate_adaptive(fn, y0, ts, plan.tableau, plan.controls, grad)
