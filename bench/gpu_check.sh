@@ -180,7 +180,7 @@ print('built', $build_bk.extension().__file__)" > "$sdir/$build_bk-build.log" 2>
   # host sync per step) and the CUDA-graph replay of its steps, against the host loop.
   if [[ $mode != cpu ]]; then
     smoke_step pytest-solver 40 70 "" -- "${pytest[@]}" tests/test_solver.py \
-      -k "cuda_solve or device_loop"
+      -k "cuda_solve or cuda_flow"
   fi
 
   # (c) the compiled backend, if it was built in time.

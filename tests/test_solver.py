@@ -374,21 +374,60 @@ def test_event_handling_goes_to_torchdiffeq():
 
 
 @pytest.mark.parametrize("method", ADAPTIVE)
-@pytest.mark.parametrize("times", [[0.0, 0.3, 0.7, 1.0], [1.0, 0.0], [0.4]])
+@pytest.mark.parametrize("times", [[0.0, 0.3, 0.7, 1.0], [1.0, 0.0], [0.4],
+                                   torch.linspace(0, 1, 41).tolist()])
 @pytest.mark.parametrize("sync_every", [1, 3, 8])
 def test_device_loop_takes_the_host_loops_steps(method, times, sync_every):
-    """Masked steps, outputs and counters on the device: the same numbers and NFE as
-    the host loop (and so torchdiffeq), whatever the steps between two looks."""
+    """Masked steps, outputs and counters on the device: the same evaluations, numbers
+    and NFE as the host loop (and so torchdiffeq), whatever the steps between two
+    looks; several outputs in one step (41 times); steps that are rejected."""
     _, f = _field(scale=4.0, seed=2, time="concat")
     calls = _record_calls(f)
     z = torch.randn(9, 2, dtype=F64)
     t = torch.tensor(times, dtype=F64)
+    rtol = 1e-3 if len(times) > 10 else 1e-6
     with torch.no_grad():
-        ref = torchdiffeq.odeint(f, z, t, rtol=1e-6, atol=1e-8, method=method)
-        n_ref = len(calls)
-        out = sparsekern.odeint(f, z, t, rtol=1e-6, atol=1e-8, method=method,
+        ref = torchdiffeq.odeint(f, z, t, rtol=rtol, atol=1e-8, method=method)
+        ref_calls = list(calls)
+        calls.clear()
+        out = sparsekern.odeint(f, z, t, rtol=rtol, atol=1e-8, method=method,
                                 options={"sync_every": sync_every})
-    assert "(device loop)" in f.last_solve and f"{n_ref} NFE" in f.last_solve
+    n_ref = len(ref_calls)
+    assert "(device loop)" in f.last_solve and f": {n_ref} NFE," in f.last_solve
+    # The same evaluations in the same order; then the masked ones of the last window.
+    assert calls[:n_ref] == ref_calls
+    assert len(calls) - n_ref < sync_every * (TABLEAUS[method].stages - 1) or len(times) < 2
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_device_loop_rejects_the_host_loops_steps():
+    _, f = _field(scale=12.0, seed=3)
+    z = 3 * torch.randn(16, 2, dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with torch.no_grad():
+        ref = sparsekern.odeint(f, z, t, rtol=1e-7, atol=1e-9)
+        host = f.last_solve
+        out = sparsekern.odeint(f, z, t, rtol=1e-7, atol=1e-9, options={"sync_every": 4})
+    assert int(host.split(", ")[-1].split(" rejected")[0]) > 0
+    assert f.last_solve.split(": ")[1] == host.split(": ")[1]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sync_every", [0, 3])
+def test_max_num_steps_counts_per_output_interval(sync_every):
+    """More steps in all than max_num_steps, fewer between two output times: a solve,
+    as torchdiffeq's (its count restarts at every output time)."""
+    _, f = _field(scale=2.0)
+    z = torch.randn(5, 2, dtype=F64)
+    t = torch.linspace(0, 1, 11, dtype=F64)
+    opts = {"max_num_steps": 3}
+    with torch.no_grad():
+        ref = torchdiffeq.odeint(f, z, t, rtol=1e-8, atol=1e-9, options=opts)
+        out = sparsekern.odeint(f, z, t, rtol=1e-8, atol=1e-9,
+                                options={**opts, "sync_every": sync_every})
+    steps = int(f.last_solve.split(", ")[1].split(" steps")[0])
+    assert steps > 3
+    assert ("device" in f.last_solve) == (sync_every > 0)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -404,22 +443,44 @@ def test_device_loop_errors_are_the_host_loops():
         bad[0, 0] = float("nan")
         with pytest.raises(SolveError, match="non-finite"):
             sparsekern.odeint(f, bad, t, options={"sync_every": 2})
-    with pytest.raises(ValueError, match="sync_every"):
-        sparsekern.odeint(f, z, t, options={"sync_every": 0})
+    for bad in ({"sync_every": -1}, {"sync_every": True}, {"cuda_graph": "yes"}):
+        with pytest.raises(ValueError, match=r"sync_every|cuda_graph"):
+            sparsekern.odeint(f, z, t, options=bad)
 
 
 @pytest.mark.parametrize("time", ["none", "concatsquash"])
 def test_device_loop_adjoint_equals_torchdiffeq(time):
-    """Forward and backward solves on the device loop (the backward's options are the
-    forward's): the same NFE and gradients as torchdiffeq."""
+    """A flow trained on the device loop: the same NFE and gradients as torchdiffeq.
+    (flows passes adjoint_options={"norm": "seminorm"}, which, as in torchdiffeq,
+    replace the forward's options: its backward solves run the host loop here, the
+    device loop on CUDA, where it is the default.)"""
     flow = _flow(time, adjoint=True, train_T=True)
     x = torch.randn(7, 2, dtype=F64)
     ref = _loss_and_grads(flow, x, "torchdiffeq")
     flow.solver_options = {"sync_every": 5}
     out = _loss_and_grads(flow, x, "auto")
-    assert "(device loop)" in flow.odefunc.odenet.last_solve
+    assert flow.odefunc.odenet.last_solve.startswith("native dopri5 (device loop)")
     assert out[2:] == ref[2:]
     for a, b in zip(out[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seminorm", [False, True])
+def test_device_loop_adjoint_backward_solves(seminorm):
+    """The adjoint's backward solves on the device loop too (its own options)."""
+    _, f = _field(scale=1.5, time="concat")
+    z = torch.randn(5, 2, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=F64, requires_grad=True)
+    params = list(f.parameters())
+    back = {"norm": "seminorm"} if seminorm else {}
+    res = []
+    for solve, extra in ((torchdiffeq.odeint_adjoint, {}), (sparsekern.odeint, {"sync_every": 3})):
+        kw = {"adjoint": True} if solve is sparsekern.odeint else {}
+        y = solve(f, z, t, rtol=1e-7, atol=1e-9, options=dict(extra) or None,
+                  adjoint_options={**back, **extra}, **kw)
+        res.append(torch.autograd.grad(y[1:].square().sum(), [z, t, *params]))
+    assert f.last_solve.count("(device loop)") == 2
+    for a, b in zip(*res, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
@@ -437,6 +498,24 @@ def test_cuda_solve_keeps_its_step_control_on_the_device(cuda_graph):
         ref = sparsekern.odeint(f_cpu, z, t, rtol=1e-6, atol=1e-8)
         out = sparsekern.odeint(f_gpu, z.cuda(), t.cuda(), rtol=1e-6, atol=1e-8,
                                 options={"cuda_graph": cuda_graph})
-    assert "(device loop)" in f_gpu.last_solve
+    assert ("(device+graph loop)" if cuda_graph else "(device loop)") in f_gpu.last_solve
     assert f_gpu.last_solve.split(": ")[1] == f_cpu.last_solve.split(": ")[1]
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_cuda_flow_training_step_on_the_device_loop(cuda_graph):
+    """A flow's (z, logp) state and its adjoint (several norm parts) on the device loop,
+    CUDA graphs too: the same NFE and gradients as torchdiffeq on the GPU."""
+    flow = _flow("none", adjoint=True, train_T=False).cuda()
+    x = torch.randn(32, 2, dtype=F64, device="cuda")
+    ref = _loss_and_grads(flow, x, "torchdiffeq")
+    flow.solver_options = {"cuda_graph": cuda_graph}
+    out = _loss_and_grads(flow, x, "auto")
+    forward, backward = flow.odefunc.odenet.last_solve.split("; adjoint ")
+    assert ("(device+graph loop)" if cuda_graph else "(device loop)") in forward
+    assert "(device loop)" in backward  # flows' adjoint_options: the default on CUDA
+    assert out[2:] == ref[2:]
+    for a, b in zip(out[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -168,8 +168,9 @@ def odeint(
         options: torchdiffeq's options: first_step, safety, ifactor, dfactor,
             max_num_steps; step_size for fixed steps. The native loop's own:
             sync_every (int: keep the step control on the device, the host looking
-            every that many steps; the default on CUDA is 8, elsewhere the host
-            loop) and cuda_graph (bool: capture those steps once as a CUDA graph).
+            every that many steps; the default on CUDA is 8, elsewhere, or with 0,
+            the host loop) and cuda_graph (bool: capture those steps once as a CUDA
+            graph).
         adjoint: gradients by the adjoint method (a backward solve) instead of
             backpropagation through the steps.
         adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options: the
@@ -248,8 +249,11 @@ def _torchdiffeq(func, y0, t, rtol, atol, method, options, adjoint, adjoint_rtol
                  adjoint_method, adjoint_options, adjoint_params, event_fn):
     import torchdiffeq  # type: ignore[import-untyped]
 
-    if options is not None:  # the native loop's own options mean nothing to torchdiffeq
+    # The native loop's own options mean nothing to torchdiffeq.
+    if options is not None:
         options = {k: v for k, v in options.items() if k not in NATIVE_OPTIONS}
+    if adjoint_options is not None:
+        adjoint_options = {k: v for k, v in adjoint_options.items() if k not in NATIVE_OPTIONS}
     if not adjoint:
         return torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method=method,
                                   options=options, event_fn=event_fn)

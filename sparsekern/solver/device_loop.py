@@ -31,7 +31,6 @@ from sparsekern.solver.rk import (
     _Coefficients,
     _initial_step,
     _interp_fit,
-    mixed_norm,
 )
 from sparsekern.solver.tableau import Tableau
 
@@ -61,15 +60,35 @@ class _DeviceState:
         self.underflow = torch.zeros((), dtype=torch.bool, device=dev)
 
 
+def _norm(x: Tensor, segments) -> Tensor:
+    """``rk.mixed_norm`` without a host sync: Python's max over the parts (a part is
+    replaced only by a greater one) as ``torch.where``."""
+    if not segments:
+        return x.abs().pow(2).mean().sqrt()
+    (start, n), *rest = segments
+    m = x.narrow(0, start, n).abs().pow(2).mean().sqrt()
+    for start, n in rest:
+        r = x.narrow(0, start, n).abs().pow(2).mean().sqrt()
+        m = torch.where(r > m, r, m)
+    return m
+
+
 def _step(fn: Callable, s: _DeviceState, co: _Coefficients, tab: Tableau, ctl: Controls) -> None:
-    """One masked adaptive step, in place (torchdiffeq's ``_adaptive_step``)."""
+    """One masked adaptive step, in place (torchdiffeq's ``_adaptive_step``).
+
+    Once a check has failed every later step is masked, so the first failure is the
+    one reported, as the host loop raises it.
+    """
     dtype = s.y.dtype
-    active = s.t < s.times[-1]
+    active = (s.t < s.times[-1]) & ~(s.too_many | s.nonfinite | s.underflow)
     s.too_many |= active & (s.since_output >= ctl.max_num_steps)
+    active = active & ~s.too_many
     s.nonfinite |= active & ~torch.isfinite(s.y).all()
+    active = active & ~s.nonfinite
     dt = torch.where(torch.isfinite(s.dt), s.dt, torch.zeros_like(s.dt))
     t0, t1 = s.t, s.t + dt
     s.underflow |= active & ~(t1 > t0)
+    active = active & ~s.underflow
     t0s, dts, t1s = t0.to(dtype), dt.to(dtype), t1.to(dtype)
     a_dt = co.a * dts
     yi = s.y
@@ -81,12 +100,16 @@ def _step(fn: Callable, s: _DeviceState, co: _Coefficients, tab: Tableau, ctl: C
     y1 = yi if tab.fsal else s.y + torch.sum(s.k * (co.b * dts), dim=-1)
     err = torch.sum(s.k * (co.b_err * dts), dim=-1)
     tol = ctl.atol + ctl.rtol * torch.max(s.y.abs(), y1.abs())
-    ratio = mixed_norm(err / tol, ctl.segments).to(F64)
+    ratio = _norm(err / tol, ctl.segments).to(F64)
     accept = active & (ratio <= 1)
     # torchdiffeq's _optimal_step_size, NaN in NaN out.
     dfactor = torch.where(ratio < 1, torch.ones_like(ratio), torch.full_like(ratio, ctl.dfactor))
+    # Tensors as torchdiffeq has them: torch computes `float / tensor` as a reciprocal
+    # times the float, and `tensor ** 0.5` as a square root, each an ulp off at times.
+    safety = torch.full_like(ratio, ctl.safety)
+    exponent = torch.full_like(ratio, float(tab.order)).reciprocal()
     factor = torch.minimum(torch.full_like(ratio, ctl.ifactor),
-                           torch.maximum(ctl.safety / ratio ** (1.0 / tab.order), dfactor))
+                           torch.maximum(safety / ratio ** exponent, dfactor))
     factor = torch.where(ratio == 0, torch.full_like(ratio, ctl.ifactor), factor)
     # Output times this step passes: interpolated from it, as torchdiffeq's _advance.
     y_mid = s.y + torch.sum(s.k * (co.b_mid * dts), dim=-1)
@@ -111,7 +134,8 @@ def _step(fn: Callable, s: _DeviceState, co: _Coefficients, tab: Tableau, ctl: C
 
 
 def integrate_on_device(fn: Callable, y0: Tensor, times: Tensor, tab: Tableau, ctl: Controls,
-                        sync_every: int = 8, graph: bool = False
+                        sync_every: int = 8, graph: bool = False,
+                        count: Callable[[int], None] | None = None
                         ) -> tuple[list[Tensor], SolveStats]:
     """``rk.integrate_adaptive`` (no gradients) with the step control on the device.
 
@@ -121,6 +145,8 @@ def integrate_on_device(fn: Callable, y0: Tensor, times: Tensor, tab: Tableau, c
         y0: [N] initial state. times: increasing output times (a 1-D tensor).
         sync_every: steps between two looks of the host at the loop's state.
         graph: capture those steps once as a CUDA graph and replay it (CUDA only).
+        count: told the number of counted evaluations at the end, also when the
+            solve fails (the field's NFE counter).
 
     Returns:
         ([y(times[0]), ...], stats), the same as the host loop's.
@@ -135,46 +161,73 @@ def integrate_on_device(fn: Callable, y0: Tensor, times: Tensor, tab: Tableau, c
         dt = torch.tensor(ctl.first_step, dtype=F64, device=y0.device)
     s = _DeviceState(y0, times, f0, dt, tab.stages)
     s.nfe += 1 + stats.nfe
+    try:
+        return _run(fn, s, co, tab, ctl, sync_every, graph, stats)
+    finally:
+        if count is not None:
+            count(int(s.nfe))
+
+
+def _run(fn: Callable, s: _DeviceState, co: _Coefficients, tab: Tableau, ctl: Controls,
+         sync_every: int, graph: bool, stats: SolveStats) -> tuple[list[Tensor], SolveStats]:
+    """The windows of ``sync_every`` steps, each followed by one look of the host."""
 
     def steps() -> None:
         for _ in range(sync_every):
             _step(fn, s, co, tab, ctl)
 
-    replay = _capture(steps) if graph and y0.is_cuda and len(times) > 1 else steps
-    done = len(times) < 2
+    done = len(s.times) < 2
+    replay = steps
+    if graph and s.y.is_cuda and not done:
+        captured = _capture(steps, s.y.device)
+        if captured is None:
+            stats.path = "device, graph capture failed"
+        else:
+            replay, stats.path = captured, "device+graph"
     while not done:
         replay()
         # The one read-back per sync_every steps.
         done, too_many, nonfinite, underflow = (bool(v) for v in torch.stack([
             s.t >= s.times[-1], s.too_many, s.nonfinite, s.underflow]).tolist())
-        if nonfinite:
-            raise SolveError("sparsekern.odeint: the state holds non-finite values")
-        if underflow:
-            raise SolveError("sparsekern.odeint: the step size underflowed; the field may be "
-                             "too stiff for an explicit method")
         if too_many:
             raise MaxStepsError(f"sparsekern.odeint: max_num_steps exceeded "
                                 f"({ctl.max_num_steps}>={ctl.max_num_steps}) between two "
                                 "output times; raise options['max_num_steps'] or loosen "
                                 "rtol/atol")
+        if nonfinite:
+            raise SolveError("sparsekern.odeint: the state holds non-finite values")
+        if underflow:
+            raise SolveError("sparsekern.odeint: the step size underflowed; the field may be "
+                             "too stiff for an explicit method")
     stats.nfe, stats.accepted, stats.rejected = (int(v) for v in torch.stack(
         [s.nfe, s.accepted, s.rejected]).tolist())
     return list(s.out.unbind(0)), stats
 
 
-def _capture(steps: Callable[[], None]) -> Callable[[], None]:
-    """``steps`` recorded once as a CUDA graph; calling the result replays it.
+def _capture(steps: Callable[[], None], device: torch.device) -> Callable[[], None] | None:
+    """``steps`` recorded once as a CUDA graph on ``device``; calling the result replays
+    it. None if the field cannot be captured (a host sync inside it, say): then the
+    steps run eagerly.
 
-    The warm-up run (on a side stream, as capture requires) is a real run of the
-    steps: every step is masked, so running it before the capture changes nothing
-    a replay would not also do.
+    The warm-up (on a side stream, as capture requires) is a real first window of
+    steps; the loop's state is persistent and every step masked, so the replays
+    carry on from it.
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        steps()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        steps()
-    return g.replay
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            steps()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                steps()
+        except RuntimeError:
+            return None
+
+    def replay() -> None:
+        with torch.cuda.device(device):
+            g.replay()
+
+    return replay

@@ -39,7 +39,8 @@ class Plan:
     step_size: float | None = None
     fallback: str | None = None
     # The device loop (``device_loop``): steps between the host's looks (None: the
-    # host loop, except on CUDA, where 8), and CUDA-graph capture of those steps.
+    # host loop, except on CUDA, where 8; 0: the host loop everywhere), and CUDA-graph
+    # capture of those steps.
     sync_every: int | None = None
     cuda_graph: bool = False
 
@@ -80,7 +81,7 @@ def make_plan(method: str | None, rtol: Any, atol: Any, options: Mapping[str, An
                                            f"{', '.join(TABLEAUS)})")
     if "norm" in options:
         return Plan(method, tab, fallback="a custom error norm is not native")
-    known = ADAPTIVE_OPTIONS if tab.adaptive else FIXED_OPTIONS
+    known = ADAPTIVE_OPTIONS if tab.adaptive else (*FIXED_OPTIONS, *NATIVE_OPTIONS)
     extra = sorted(set(options) - set(known))
     if extra:
         return Plan(method, tab, fallback=f"option(s) {', '.join(extra)} of {method} are not "
@@ -103,11 +104,14 @@ def make_plan(method: str | None, rtol: Any, atol: Any, options: Mapping[str, An
         max_num_steps=int(options.get("max_num_steps", 2**31 - 1)),
     )
     sync = options.get("sync_every")
-    if sync is not None and (not isinstance(sync, int) or sync < 1):
-        raise ValueError(f"sparsekern.odeint: options['sync_every'] must be a positive int, "
-                         f"got {sync!r}")
-    return Plan(method, tab, controls=controls, sync_every=sync,
-                cuda_graph=bool(options.get("cuda_graph", False)))
+    if sync is not None and (type(sync) is not int or sync < 0):
+        raise ValueError(f"sparsekern.odeint: options['sync_every'] must be an int >= 0 (0: "
+                         f"the host loop), got {sync!r}")
+    graph = options.get("cuda_graph", False)
+    if type(graph) is not bool:
+        raise ValueError(f"sparsekern.odeint: options['cuda_graph'] must be True or False, "
+                         f"got {graph!r}")
+    return Plan(method, tab, controls=controls, sync_every=sync, cuda_graph=graph)
 
 
 def integrate(plan: Plan, fn, y0: Tensor, times: Tensor, grad: bool
@@ -127,19 +131,17 @@ def integrate(plan: Plan, fn, y0: Tensor, times: Tensor, grad: bool
         with torch.set_grad_enabled(grad):
             return integrate_fixed(fn, y0, times, plan.tableau, plan.step_size)
     assert plan.controls is not None
-    if not grad and (plan.sync_every is not None or y0.is_cuda):
-        # The step control on the device: no host sync per step (device_loop).
-        count = getattr(fn, "count", None)
-        fn.count = None  # the device loop counts the unmasked evaluations itself
+    sync = plan.sync_every if plan.sync_every is not None else (8 if y0.is_cuda else 0)
+    if not grad and sync > 0 and hasattr(fn, "count"):
+        # The step control on the device: no host sync per step (device_loop). The
+        # loop counts the unmasked evaluations itself, so fn must not.
+        count, fn.count = fn.count, None
         try:
             with torch.no_grad():
-                ys, stats = integrate_on_device(fn, y0, times, plan.tableau, plan.controls,
-                                                plan.sync_every or 8, plan.cuda_graph)
+                return integrate_on_device(fn, y0, times, plan.tableau, plan.controls, sync,
+                                           plan.cuda_graph, count)
         finally:
             fn.count = count
-        if count is not None:
-            count(stats.nfe)
-        return ys, stats
     ts: Sequence = list(times.unbind(0)) if grad else times.tolist()
     with torch.set_grad_enabled(grad):
         return integrate_adaptive(fn, y0, ts, plan.tableau, plan.controls, grad)

@@ -215,12 +215,18 @@ def _interp_fit(y0: Tensor, y1: Tensor, y_mid: Tensor, f0: Tensor, f1: Tensor, d
 
 
 def _interp_eval(coeff: list[Tensor], x) -> Tensor:
-    total = coeff[0] + x * coeff[1]
+    """The quartic at x (a 0-dim tensor, or a numpy scalar of the state's dtype: its
+    powers round in that dtype, as torchdiffeq's tensor powers do)."""
+    total = coeff[0] + _operand(x) * coeff[1]
     power = x
     for c in coeff[2:]:
         power = power * x
-        total = total + power * c
+        total = total + _operand(power) * c
     return total
+
+
+def _operand(x):
+    return float(x) if isinstance(x, np.generic) else x
 
 
 # -- adaptive methods ----------------------------------------------------------
@@ -310,7 +316,7 @@ def integrate_adaptive(fn: Derivative, y0: Tensor, times: Sequence, tab: Tableau
                                                     t_end, dt, coeff, stats)
             n_steps += 1
         x = (next_t - t_start) / (t_end - t_start)
-        out.append(_interp_eval(coeff, clock.operand(clock.state(x))))
+        out.append(_interp_eval(coeff, clock.state(x)))
     return out, stats
 
 
