@@ -315,21 +315,22 @@ def z_blocks(n: int):
     return (1, 1 + n)
 
 
-def aug_to_feature_major(aug: torch.Tensor, d: int, b: int, n: int) -> torch.Tensor:
-    """rk_solve_adjoint's layout (z feature-major in y and a_y) from torchdiffeq's."""
+def _swap_z(aug: torch.Tensor, rows: int, cols: int, n: int) -> torch.Tensor:
+    """aug with the z blocks of y and a_y, read as [rows, cols], transposed."""
     out = aug.clone()
     for s in z_blocks(n):
-        out[..., s:s + d * b] = aug[..., s:s + d * b].unflatten(-1, (b, d)).transpose(-1, -2) \
-            .flatten(-2)
+        block = aug[..., s:s + rows * cols].unflatten(-1, (rows, cols))
+        out[..., s:s + rows * cols] = block.transpose(-1, -2).flatten(-2)
     return out
+
+
+def aug_to_feature_major(aug: torch.Tensor, d: int, b: int, n: int) -> torch.Tensor:
+    """rk_solve_adjoint's layout (z feature-major in y and a_y) from torchdiffeq's."""
+    return _swap_z(aug, b, d, n)
 
 
 def aug_to_batch_major(aug: torch.Tensor, d: int, b: int, n: int) -> torch.Tensor:
-    out = aug.clone()
-    for s in z_blocks(n):
-        out[..., s:s + d * b] = aug[..., s:s + d * b].unflatten(-1, (d, b)).transpose(-1, -2) \
-            .flatten(-2)
-    return out
+    return _swap_z(aug, d, b, n)
 
 
 def seminorm(segments):
