@@ -235,7 +235,6 @@ class OpCall:
     backend: str
     precision: str
     cols0: torch.Tensor | None
-    in_dim: int
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -459,7 +458,7 @@ class FusedMLP(CompiledField):
             values, scales, shifts = self._op_inputs(None, like, save=False)
         return OpCall(values, self._index_list(), scales, shifts, self.layouts, self.act_id,
                       self.backend, self.config.precision,
-                      None if self.all_cols0 else self.cols0, self.in_dim)
+                      None if self.all_cols0 else self.cols0)
 
     # -- the contract -------------------------------------------------------------
     def forward(self, *args: torch.Tensor) -> torch.Tensor:

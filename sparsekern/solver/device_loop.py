@@ -30,7 +30,9 @@ from sparsekern.solver.rk import (
     SolveStats,
     _Coefficients,
     _initial_step,
+    _interp_eval,
     _interp_fit,
+    mixed_norm,
 )
 from sparsekern.solver.tableau import Tableau
 
@@ -60,19 +62,6 @@ class _DeviceState:
         self.underflow = torch.zeros((), dtype=torch.bool, device=dev)
 
 
-def _norm(x: Tensor, segments) -> Tensor:
-    """``rk.mixed_norm`` without a host sync: Python's max over the parts (a part is
-    replaced only by a greater one) as ``torch.where``."""
-    if not segments:
-        return x.abs().pow(2).mean().sqrt()
-    (start, n), *rest = segments
-    m = x.narrow(0, start, n).abs().pow(2).mean().sqrt()
-    for start, n in rest:
-        r = x.narrow(0, start, n).abs().pow(2).mean().sqrt()
-        m = torch.where(r > m, r, m)
-    return m
-
-
 def _step(fn: Callable, s: _DeviceState, co: _Coefficients, tab: Tableau, ctl: Controls) -> None:
     """One masked adaptive step, in place (torchdiffeq's ``_adaptive_step``).
 
@@ -100,7 +89,7 @@ def _step(fn: Callable, s: _DeviceState, co: _Coefficients, tab: Tableau, ctl: C
     y1 = yi if tab.fsal else s.y + torch.sum(s.k * (co.b * dts), dim=-1)
     err = torch.sum(s.k * (co.b_err * dts), dim=-1)
     tol = ctl.atol + ctl.rtol * torch.max(s.y.abs(), y1.abs())
-    ratio = _norm(err / tol, ctl.segments).to(F64)
+    ratio = mixed_norm(err / tol, ctl.segments).to(F64)
     accept = active & (ratio <= 1)
     # torchdiffeq's _optimal_step_size, NaN in NaN out.
     dfactor = torch.where(ratio < 1, torch.ones_like(ratio), torch.full_like(ratio, ctl.dfactor))
@@ -115,13 +104,8 @@ def _step(fn: Callable, s: _DeviceState, co: _Coefficients, tab: Tableau, ctl: C
     y_mid = s.y + torch.sum(s.k * (co.b_mid * dts), dim=-1)
     coeff = _interp_fit(s.y, y1, y_mid, s.k[:, 0], s.k[:, -1], dts)
     hit = accept & (s.times > t0) & (s.times <= t1)
-    x = ((s.times - t0) / (t1 - t0)).to(dtype)[:, None]
-    total = coeff[0] + x * coeff[1]
-    power = x
-    for c in coeff[2:]:
-        power = power * x
-        total = total + power * c
-    s.out.copy_(torch.where(hit[:, None], total, s.out))
+    x = ((s.times - t0) / (t1 - t0)).to(dtype)[:, None]  # every output time at once
+    s.out.copy_(torch.where(hit[:, None], _interp_eval(coeff, x), s.out))
     s.y.copy_(torch.where(accept, y1, s.y))
     s.k[:, 0] = torch.where(accept, s.k[:, -1], s.k[:, 0])
     s.t.copy_(torch.where(accept, t1, s.t))

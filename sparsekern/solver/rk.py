@@ -87,12 +87,18 @@ class Controls:
 def mixed_norm(x: Tensor, segments: Sequence[tuple[int, int]]) -> Tensor:
     """max over segments of sqrt(mean(x[seg]^2)); the whole vector's RMS without segments.
 
-    Python's max, as torchdiffeq's ``_mixed_norm`` takes it: a part is replaced only
-    by a greater one, so a NaN in a later part does not win (and one in the first does).
+    Python's max, as torchdiffeq's ``_mixed_norm`` takes it (a part is replaced only
+    by a greater one, so a NaN in a later part does not win, one in the first does),
+    written with ``torch.where``: no host sync, which the device loop needs.
     """
     if not segments:
         return x.abs().pow(2).mean().sqrt()
-    return max(x.narrow(0, s, n).abs().pow(2).mean().sqrt() for s, n in segments)
+    (start, n), *rest = segments
+    m = x.narrow(0, start, n).abs().pow(2).mean().sqrt()
+    for start, n in rest:
+        r = x.narrow(0, start, n).abs().pow(2).mean().sqrt()
+        m = torch.where(r > m, r, m)
+    return m
 
 
 def _value(x) -> float:
@@ -121,10 +127,6 @@ class _FloatClock:
     def time(self, x) -> float:
         return float(x)
 
-    def operand(self, x) -> float:
-        """x as a factor of tensor products: a Python float holding the same value (a
-        float32 value is exact in one), which torch multiplies in the state's dtype."""
-        return float(x)
 
 
 
@@ -144,9 +146,6 @@ class _TensorClock:
         with torch.no_grad():
             below = torch.nextafter(x, x - 1)
         return below + (x - x.detach())  # the value below, the gradient of x (torchdiffeq's)
-
-    def operand(self, x: Tensor) -> Tensor:
-        return x
 
     def time(self, x) -> Tensor:
         if isinstance(x, Tensor):
@@ -226,6 +225,9 @@ def _interp_eval(coeff: list[Tensor], x) -> Tensor:
 
 
 def _operand(x):
+    """x as a factor of tensor products: a numpy scalar as the Python float of the
+    same value (a float32 value is exact in one), which torch multiplies in the
+    state's dtype; a tensor as it is."""
     return float(x) if isinstance(x, np.generic) else x
 
 
@@ -335,7 +337,7 @@ def _step(fn, clock, co: _Coefficients, tab: Tableau, ctl: Controls, stages: _St
     s = tab.stages
     # Inside the step, times and the step size are in the state's dtype.
     t0s, dts, t1s = clock.state(t0), clock.state(dt), clock.state(t1)
-    h = clock.operand(dts)  # the step size as tensor products take it
+    h = _operand(dts)  # the step size as tensor products take it
     if stages.matrix is not None and stages.matrix.data_ptr() != f0.data_ptr():
         stages.matrix[:, 0].copy_(f0)
     stages.put(0, f0)
