@@ -87,18 +87,15 @@ class Controls:
 def mixed_norm(x: Tensor, segments: Sequence[tuple[int, int]]) -> Tensor:
     """max over segments of sqrt(mean(x[seg]^2)); the whole vector's RMS without segments.
 
-    Python's max, as torchdiffeq's ``_mixed_norm`` takes it (a part is replaced only
-    by a greater one, so a NaN in a later part does not win, one in the first does),
-    written with ``torch.where``: no host sync, which the device loop needs.
+    Python's max, as torchdiffeq's ``_mixed_norm`` takes it: a part is replaced only
+    by a greater one, so a NaN in a later part does not win (and one in the first does).
+    Its gradient (the initial step's, backpropagating through the steps) reaches the
+    winning part only; ``device_loop``'s sync-free ``torch.where`` twin would send
+    0 * inf = NaN into a part whose RMS is 0 (an empty layer's), so it is not used here.
     """
     if not segments:
         return x.abs().pow(2).mean().sqrt()
-    (start, n), *rest = segments
-    m = x.narrow(0, start, n).abs().pow(2).mean().sqrt()
-    for start, n in rest:
-        r = x.narrow(0, start, n).abs().pow(2).mean().sqrt()
-        m = torch.where(r > m, r, m)
-    return m
+    return max(x.narrow(0, s, n).abs().pow(2).mean().sqrt() for s, n in segments)
 
 
 def _value(x) -> float:
