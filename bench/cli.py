@@ -26,7 +26,7 @@ from bench.machine import machine_info, machine_slug
 from bench.metrics import FLOP_COUNTING, METRICS
 from bench.providers import Provider, make_providers, resolve_providers
 from bench.report import load_results, write_report
-from bench.runner import Settings, run_benchmark
+from bench.runner import Settings, case_metric_reason, run_benchmark
 from bench.timing import TimingConfig
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(explicit --cases/--metrics/--providers/--budget override these)")
     p.add_argument("--cases", nargs="+", metavar="PATTERN", default=None,
                    help='case globs over "<shape>/<structure>/<density>", e.g. toy '
-                        '"miniboone/unstructured/0.1" "*/structured" (default: all)')
+                        '"miniboone/unstructured/0.1" "*/structured", or the image cases '
+                        'mnist cifar10 (default: all)')
     p.add_argument("--providers", nargs="+", metavar="NAME", default=None,
                    help='provider names, "default" (the main four, sparsekern_native, '
                         'torchode where installed, and each compiled sparsekern backend '
@@ -69,9 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="warm-up calls before sampling, the first excluded (default 3)")
     p.add_argument("--batch", type=int, default=None,
                    help="override every case's batch (default: the paper's, per shape)")
-    p.add_argument("--solve-batch", type=int, default=DEFAULT_SOLVE_BATCH,
-                   help=f"cap the batch of the solve metric (default {DEFAULT_SOLVE_BATCH}; "
-                        "0: the case's batch, e.g. 10000 for BSDS300)")
+    p.add_argument("--solve-batch", type=int, default=None,
+                   help=f"cap the batch of the flow metrics (solve, train_solve) at N for every "
+                        f"shape (default {DEFAULT_SOLVE_BATCH}, the image shapes their own "
+                        "cap, 50; 0: the case's batch, e.g. 10000 for BSDS300, 200 for MNIST)")
     p.add_argument("--solve-blocks", type=int, default=None,
                    help="cap the CNF blocks of the solve metric (default: all of the shape's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -102,17 +104,30 @@ def _list(device: torch.device, compile_backend: str) -> None:
     registry = make_providers(compile_backend)
     print("shapes:")
     for s in SHAPES.values():
+        extra = ""
+        if s.is_conv:
+            where = ", ".join(f"unstructured/{d:g}" for d in s.flow_densities or ())
+            extra = f", {s.noise} noise, " + (
+                f"flow metrics on {where} at batch {s.solve_batch} (default)" if where
+                else "no flow metrics")
         print(f"  {s.name:10s} {s.label}, batch {s.batch}, atol {s.atol:g} rtol {s.rtol:g}, "
-              f"T {s.T:g}")
+              f"T {s.T:g}{extra}")
     cases = all_cases()
     print(f"cases ({len(cases)}):")
     for c in cases:
-        print(f"  {c.name}" + ("   [quick]" if c.name in QUICK_CASES else ""))
+        tags = ["quick"] if c.name in QUICK_CASES else []
+        if c.shape.is_conv and case_metric_reason(c, "solve") is not None:
+            tags.append("no flow metrics")
+        print(f"  {c.name}" + (f"   [{'; '.join(tags)}]" if tags else ""))
     print(f"providers (device {device}):")
     defaults = resolve_providers(None, device, registry)
+    image = next(s for s in SHAPES.values() if s.is_conv)
     for name, p in registry.items():
         why = p.unavailable(device)
         tag = "default" if name in defaults else ("unavailable: " + why if why else "")
+        no_image = p.shape_unavailable(image)
+        if no_image and not why:
+            tag = (f"{tag}; " if tag else "") + f"not on the image shapes: {no_image}"
         print(f"  {name:20s} {p.description}" + (f"   [{tag}]" if tag else ""))
     print(f"metrics: {', '.join(METRICS)}")
 
@@ -198,9 +213,14 @@ def _run(args: argparse.Namespace, command: list[str] | None, device: torch.devi
         sel = resolve_selection(args, device, registry)
         timing = TimingConfig(budget_s=sel.budget_s, warmup=args.warmup,
                               min_repeats=args.min_repeats, max_repeats=args.max_repeats)
+        explicit = args.solve_batch is not None
+        if explicit and args.solve_batch < 0:
+            raise ValueError(f"--solve-batch must be >= 0, got {args.solve_batch}")
         settings = Settings(metrics=list(sel.metrics), timing=timing, dtype=DTYPES[args.dtype],
                             device=device, seed=args.seed, masks=args.masks, batch=args.batch,
-                            solve_batch=args.solve_batch or None, solve_blocks=args.solve_blocks)
+                            solve_batch=(args.solve_batch or None) if explicit
+                            else DEFAULT_SOLVE_BATCH,
+                            shape_solve_batch=not explicit, solve_blocks=args.solve_blocks)
     except ValueError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
@@ -217,6 +237,23 @@ def _run(args: argparse.Namespace, command: list[str] | None, device: torch.devi
             skipped_metrics[p.name] = left
             print(f"bench: {p.name} does not measure {', '.join(left)}: "
                   f"{'; '.join(dict.fromkeys(left.values()))}", file=sys.stderr)
+    shapes = list(dict.fromkeys(c.shape for c in cases))
+    skipped_shapes: dict[str, dict[str, str]] = {}
+    for p in providers:
+        left = {s.name: why for s in shapes if (why := p.shape_unavailable(s))}
+        if left:
+            skipped_shapes[p.name] = left
+            print(f"bench: {p.name} does not run {', '.join(left)}: "
+                  f"{'; '.join(dict.fromkeys(left.values()))}", file=sys.stderr)
+    skipped_case_metrics: dict[str, dict[str, str]] = {}
+    for c in cases:
+        left = {m: why for m in metrics if (why := case_metric_reason(c, m))}
+        if left:
+            skipped_case_metrics[c.name] = left
+    if skipped_case_metrics:
+        reasons = {why for left in skipped_case_metrics.values() for why in left.values()}
+        print(f"bench: {len(skipped_case_metrics)} case(s) do not measure every selected "
+              f"metric: {'; '.join(sorted(reasons))}", file=sys.stderr)
 
     info = machine_info(device)
     slug = machine_slug(info)
@@ -250,6 +287,8 @@ def _run(args: argparse.Namespace, command: list[str] | None, device: torch.devi
         "providers": {p.name: p.description for p in providers},
         "skipped": skipped,
         "skipped_metrics": skipped_metrics,
+        "skipped_shapes": skipped_shapes,
+        "skipped_case_metrics": skipped_case_metrics,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "duration_s": 0.0,
         "complete": False,

@@ -181,6 +181,9 @@ print('built', $build_bk.extension().__file__)" > "$sdir/$build_bk-build.log" 2>
   if [[ $mode != cpu ]]; then
     smoke_step pytest-solver 40 70 "" -- "${pytest[@]}" tests/test_solver.py \
       -k "cuda_solve or cuda_flow"
+    # (d3) compiled convolutions (image flows) on the device, Triton's kernels.
+    smoke_step pytest-conv 40 70 "" SPARSEKERN_TEST_DEVICE=cuda SPARSEKERN_BACKEND=$fast \
+      -- "${pytest[@]}" tests/test_conv_engine.py -k "matches_dense or small_batches"
   fi
 
   # (c) the compiled backend, if it was built in time.

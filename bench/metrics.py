@@ -40,6 +40,16 @@ Biases, activations and the divergence's dot product are not counted. The
 roofline is the rate of ``torch.mm`` on the dense layer shapes [B, in] x [in, out]
 of one vector field at the case's batch, measured in the same process;
 ``roofline_fraction`` = achieved GFLOP/s on the kept weights / that rate.
+
+Image shapes (convolutional fields): a kept weight is a kept tap, applied at every
+output pixel, so every count above is multiplied by H x W (stride 1, same padding;
+the taps that fall on the zero padding at the borders are not discounted, as the
+usual dense convolution count does not). K counts the time channel's taps too (the
+dense model convolves the time channel like any other). Their roofline is the
+rate of PyTorch's dense convolution (``F.conv2d``: oneDNN on a CPU, cuDNN on a GPU)
+on the field's dense layer shapes [B, in + 1, H, W] at the case's batch: the
+analogue of the GEMM rate, so ``roofline_fraction`` is "the fraction of the dense
+convolution rate" there (``conv_roofline``).
 """
 
 from __future__ import annotations
@@ -47,12 +57,13 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from bench.schema import FLOW_METRICS
 from bench.timing import Timing, TimingConfig, measure, synchronizer
@@ -70,7 +81,10 @@ FLOP_COUNTING = (
     "train_step 12KB, solve 4B*sum_blocks(K_b*NFE_b), train_solve 4B*sum_b(K_b*NFE_b) + "
     "12B*sum_b(K_b*NFEbwd_b) with the adjoint (12B*sum_b(K_b*NFE_b) backpropagating through "
     "the steps); biases and activations not counted. "
-    "Roofline: torch.mm on the dense layer shapes at batch B, same process."
+    "Roofline: torch.mm on the dense layer shapes at batch B, same process. "
+    "Image shapes: K counts kept convolution taps (time channel included), every count "
+    "times H*W output pixels (borders not discounted); roofline F.conv2d on the dense "
+    "convolutions at batch B."
 )
 
 
@@ -79,10 +93,11 @@ class Inputs:
     """Fixed inputs of a case, shared by every provider.
 
     Attributes:
-        t: scalar time [] (0.5 of the shape's T). z, noise: [B, d].
+        t: scalar time [] (0.5 of the shape's T). z, noise: [B, *state] (state: (d,),
+            or (C, H, W) for an image shape); noise Gaussian or Rademacher (+-1).
         logp: [B] zeros (the CNF's log-density slot).
-        grad_f: [B, d], grad_div: [B]: cotangents of the training loss.
-        x: [B_solve, d] data of the solve. seed: of the solve's Hutchinson noise.
+        grad_f: [B, *state], grad_div: [B]: cotangents of the training loss.
+        x: [B_solve, *state] data of the solve. seed: of the solve's Hutchinson noise.
     """
 
     t: torch.Tensor
@@ -95,23 +110,34 @@ class Inputs:
     seed: int
 
 
-def make_inputs(dim: int, batch: int, solve_batch: int, T: float, dtype: torch.dtype,
-                device: torch.device, seed: int) -> Inputs:
-    """Seeded inputs (drawn on the CPU in float64, then converted: identical on every device)."""
+def make_inputs(dim: int | Sequence[int], batch: int, solve_batch: int, T: float,
+                dtype: torch.dtype, device: torch.device, seed: int,
+                noise: str = "gaussian") -> Inputs:
+    """Seeded inputs (drawn on the CPU in float64, then converted: identical on every device).
+
+    ``dim``: the state dimension d, or the shape of one state ((C, H, W) for images).
+    ``noise``: the probe of f_div and train_step, "gaussian" or "rademacher" (the signs
+    of the same Gaussian draw).
+    """
+    if noise not in ("gaussian", "rademacher"):
+        raise ValueError(f"noise={noise!r}; expected 'gaussian' or 'rademacher'")
+    state = (dim,) if isinstance(dim, int) else tuple(dim)
     gen = torch.Generator().manual_seed(seed)
 
-    def draw(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype,
-                                                                          device=device)
+    def draw(*lead: int, sign: bool = False) -> torch.Tensor:
+        x = torch.randn(*lead, generator=gen, dtype=torch.float64)
+        if sign:
+            x = torch.where(x >= 0, 1.0, -1.0).to(torch.float64)
+        return x.to(dtype=dtype, device=device)
 
     return Inputs(
         t=torch.tensor(0.5 * T, dtype=dtype, device=device),
-        z=draw(batch, dim),
-        noise=draw(batch, dim),
+        z=draw(batch, *state),
+        noise=draw(batch, *state, sign=noise == "rademacher"),
         logp=torch.zeros(batch, dtype=dtype, device=device),
-        grad_f=draw(batch, dim),
+        grad_f=draw(batch, *state),
         grad_div=draw(batch),
-        x=draw(solve_batch, dim),
+        x=draw(solve_batch, *state),
         seed=seed,
     )
 
@@ -441,13 +467,21 @@ FLOW_RUNNERS: dict[str, Callable[..., Result]] = {
 
 def flops(metric: str, kept: int, batch: int, nfe_per_block: list[int] | None = None,
           kept_per_block: list[int] | None = None,
-          nfe_backward_per_block: list[int] | None = None) -> int:
+          nfe_backward_per_block: list[int] | None = None, pixels: int = 1) -> int:
     """FLOPs on the kept weights of one call of ``metric`` (module docstring).
 
     train_solve: with ``nfe_backward_per_block`` (the adjoint) the forward solve's
     f_div evaluations plus a train_step per backward evaluation; without it
     (backpropagation through the steps) a train_step per forward evaluation.
+    ``pixels``: output positions per sample of every layer (H x W of an image shape's
+    convolutions: each kept tap is applied at each of them), 1 for the MLPs.
     """
+    return pixels * _flops(metric, kept, batch, nfe_per_block, kept_per_block,
+                           nfe_backward_per_block)
+
+
+def _flops(metric: str, kept: int, batch: int, nfe_per_block: list[int] | None,
+           kept_per_block: list[int] | None, nfe_backward_per_block: list[int] | None) -> int:
     per = FLOPS_PER_KEPT_WEIGHT[metric]
     if metric in FLOW_METRICS:
         if nfe_per_block is None or kept_per_block is None:
@@ -495,6 +529,44 @@ def roofline(layer_shapes: list[tuple[int, int]], batch: int, dtype: torch.dtype
     Cached per process, so the cases of one shape share one measurement.
     """
     return _roofline_cached(tuple(layer_shapes), batch, dtype, str(device), config)
+
+
+@functools.cache
+def _conv_roofline_cached(conv_layers: tuple[tuple[int, int, int], ...], image: tuple[int, int],
+                          batch: int, dtype: torch.dtype, device_str: str,
+                          config: TimingConfig) -> tuple[Timing, float]:
+    device = torch.device(device_str)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(batch, i, *image, generator=gen).to(dtype=dtype, device=device)
+          for _, i, _ in conv_layers]
+    wts = [torch.randn(o, i, k, k, generator=gen).to(dtype=dtype, device=device)
+           for o, i, k in conv_layers]
+
+    def fn() -> None:
+        with torch.no_grad():
+            for x, w in zip(xs, wts, strict=True):
+                F.conv2d(x, w, None, 1, w.shape[-1] // 2)
+
+    timing = measure(fn, config, device)
+    total = 2 * batch * image[0] * image[1] * sum(o * i * k * k for o, i, k in conv_layers)
+    return timing, total / (timing.median_ms * 1e-3) / 1e9
+
+
+def conv_roofline(conv_layers: list[tuple[int, int, int]], image: tuple[int, int], batch: int,
+                  dtype: torch.dtype, device: torch.device, config: TimingConfig
+                  ) -> tuple[Timing, float]:
+    """The dense convolution rate on these layers: (timing of one pass, GFLOP/s).
+
+    Args:
+        conv_layers: [(out, in, k)] of the convolutions of one field (stride 1, padding
+            k // 2), ``in`` with the time channel.
+        image: (H, W) of their inputs. batch: samples of every input.
+
+    The image shapes' analogue of ``roofline`` (``F.conv2d`` instead of ``torch.mm``,
+    2 x B x H x W x out x in x k^2 FLOPs per layer); cached per process.
+    """
+    return _conv_roofline_cached(tuple(conv_layers), (image[0], image[1]), batch, dtype,
+                                 str(device), config)
 
 
 def rel_err(got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> float | None:

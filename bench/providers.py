@@ -51,6 +51,13 @@ training), not under no_grad (evaluation).
   adjoint method. Flow metrics only; unavailable where torchode is not
   installed (``pip install --no-deps torchode==1.0.1 torchtyping==0.1.5
   "typeguard>=2.11.1,<3"``, or the project's ``bench`` extra).
+
+The image shapes (``bench.cases.IMAGE_SHAPES``: convolutional fields on [B, C, H, W])
+run on dense_eager, torch_compile and every sparsekern provider (``compile_sparse``
+gives a ``sparsekern.fused_conv.FusedConvNet``; sparsekern_native's host loop calls its
+``forward_and_divergence``). torch_csr and torch_bsr convert nn.Linear layers only
+and torchode's flow holds a flat per-sample state: ``Provider.shape_unavailable``
+says so, and the runner writes no rows for them there (``meta.skipped_shapes``).
 """
 
 from __future__ import annotations
@@ -109,6 +116,10 @@ class Provider:
 
     def metric_unavailable(self, metric: str) -> str | None:
         """None if the provider measures ``metric``, else why not (no row is written)."""
+        return None
+
+    def shape_unavailable(self, shape: Shape) -> str | None:
+        """None if the provider runs ``shape``'s fields, else why not (no row is written)."""
         return None
 
     def prepare_flow(self, shape: Shape, nets: list[nn.Module], batch: int) -> nn.Module:
@@ -188,12 +199,12 @@ class _CompiledDense(nn.Module):
 
     def _jvp(self, t: torch.Tensor, z: torch.Tensor, noise: torch.Tensor):
         f, jv = torch.func.jvp(lambda zz: self.net(t, zz), (z,), (noise,))
-        return f, (jv * noise).sum(1)
+        return f, (jv * noise).flatten(1).sum(1)
 
     def _vjp(self, t: torch.Tensor, z: torch.Tensor, noise: torch.Tensor):
         f, pullback = torch.func.vjp(lambda zz: self.net(t, zz), z)
         (ej,) = pullback(noise)
-        return f, (ej * noise).sum(1)
+        return f, (ej * noise).flatten(1).sum(1)
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self._f(t, z)
@@ -290,6 +301,11 @@ def _replace_linears(net: nn.Module, make: Callable[[nn.Linear], nn.Module], who
     return out
 
 
+# Why the providers that convert nn.Linear layers do not run the image shapes.
+LINEAR_ONLY = ("converts nn.Linear layers only: torch.sparse has no sparse convolution, so "
+               "the image shapes' convolutional fields have nothing to run on")
+
+
 def to_csr_model(net: nn.Module) -> nn.Module:
     """A copy of ``net`` with every prunable nn.Linear replaced by a ``CSRLinear``."""
     return _replace_linears(net, CSRLinear, "torch_csr")
@@ -299,6 +315,9 @@ class TorchCSR(Provider):
     name = "torch_csr"
     description = ("pruned weights as torch.sparse_csr tensors (torch.sparse.mm), "
                    "autograd divergence")
+
+    def shape_unavailable(self, shape: Shape) -> str | None:
+        return LINEAR_ONLY if shape.is_conv else None
 
     def prepare(self, net: nn.Module, batch: int) -> Prepared:
         return Prepared(to_csr_model(net), {"f_div": "autograd",
@@ -438,6 +457,9 @@ class TorchBSR(Provider):
     def unavailable(self, device: torch.device, dtype: torch.dtype = torch.float32
                     ) -> str | None:
         return bsr_unavailable(str(device))
+
+    def shape_unavailable(self, shape: Shape) -> str | None:
+        return LINEAR_ONLY if shape.is_conv else None
 
     def prepare(self, net: nn.Module, batch: int) -> Prepared:
         with warnings.catch_warnings():
@@ -650,6 +672,13 @@ class Torchode(Provider):
 
     def metric_unavailable(self, metric: str) -> str | None:
         return None if metric in FLOW_METRICS else SOLVER_ONLY
+
+    def shape_unavailable(self, shape: Shape) -> str | None:
+        if shape.is_conv:
+            return ("the bench's torchode flow holds a flat [B, d + 1] state per sample; image "
+                    "states [B, C, H, W] are not wired (and the image shapes measure the flow "
+                    "metrics on two MNIST cases only)")
+        return None
 
     def prepare(self, net: nn.Module, batch: int) -> Prepared:
         return Prepared(net, {"solve": "autograd",

@@ -32,6 +32,8 @@ NFE_TOLERANCE = 0.02
 # Providers whose solves take other steps by design (torchode: per-sample step sizes):
 # their outputs are flagged only past this relative error, and their NFE is not checked.
 LOOSE_REL_ERR = {"torchode": 1e-2}
+# The image shapes (bench.cases.IMAGE_SHAPES; this module does not import torch).
+IMAGE_SHAPES = ("mnist", "cifar10")
 
 
 # ----------------------------------------------------------------------- file writing
@@ -120,7 +122,8 @@ def _case_info(rows: list[Row]) -> dict[str, Row]:
     return out
 
 
-def _table(header: Sequence[str], body: list[Sequence[str]], align: str | None = None) -> str:
+def _table(header: Sequence[str], body: Sequence[Sequence[Any]], align: str | None = None
+           ) -> str:
     align = align or "l" + "r" * (len(header) - 1)
     sep = ["---:" if a == "r" else "---" for a in align]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
@@ -172,6 +175,17 @@ def _header(meta: dict[str, Any]) -> list[str]:
         parts = [f"{p}: {', '.join(ms)} ({'; '.join(dict.fromkeys(ms.values()))})"
                  for p, ms in meta["skipped_metrics"].items()]
         lines.append(f"- Metrics a provider does not measure: {'; '.join(parts)}.")
+    if meta.get("skipped_shapes"):
+        parts = [f"{p}: {', '.join(ss)} ({'; '.join(dict.fromkeys(ss.values()))})"
+                 for p, ss in meta["skipped_shapes"].items()]
+        lines.append(f"- Shapes a provider does not run (not applicable): {'; '.join(parts)}.")
+    if meta.get("skipped_case_metrics"):
+        by_reason: dict[str, list[str]] = {}
+        for case, ms in meta["skipped_case_metrics"].items():
+            for m, why in ms.items():
+                by_reason.setdefault(why, []).append(f"{case} {m}")
+        parts = [f"{', '.join(what)} ({why})" for why, what in by_reason.items()]
+        lines.append(f"- Metrics not measured on a case: {'; '.join(parts)}.")
     return lines
 
 
@@ -184,7 +198,7 @@ def _speedup_section(rows: list[Row], metric: str) -> list[str]:
         return []
     info = _case_info(rows)
     per_nfe = {"solve": "whole solve", "train_solve": "whole step"}.get(metric, "per NFE")
-    header = ["case", "kept", f"dense_eager ms ({per_nfe}, p10-p90)", *providers]
+    header = ["case", "kept", "FLOP ratio", f"dense_eager ms ({per_nfe}, p10-p90)", *providers]
     body = []
     for c in cases:
         base = idx.get((c, "dense_eager", metric))
@@ -204,15 +218,19 @@ def _speedup_section(rows: list[Row], metric: str) -> list[str]:
                 cells.append(_fmt_x(r["speedup"]))
             else:
                 cells.append(f"{_fmt_ms(r['median_ms'])} ms")
-        body.append([c, f"{100 * info[c]['kept_fraction']:.1f}%", base_cell, *cells])
+        kept = info[c].get("kept_fraction")
+        body.append([c, "-" if kept is None else f"{100 * kept:.1f}%",
+                     _fmt_x(info[c].get("flop_ratio")), base_cell, *cells])
     title = {"f": "f alone", "f_div": "f with Hutchinson divergence",
              "train_step": "training step (f + divergence with graph, backward)",
              "solve": "dopri5 log-likelihood solve",
              "train_solve": "training step of the flow (-log p solve with gradients and "
                             "backward, adjoint)"}[metric]
     return ["", f"## {metric}: {title}", "",
-            "Speedup against dense_eager (its median time / the provider's; >1 is faster).",
-            "", _table(header, body)]
+            "Speedup against dense_eager (its median time / the provider's; >1 is faster). "
+            "FLOP ratio: dense FLOPs / FLOPs of the reduced network (dead neurons and filters "
+            "removed, time-channel taps left out), the speedup a kernel as fast per FLOP as "
+            "the dense one would reach.", "", _table(header, body)]
 
 
 def _gflops_section(rows: list[Row], metric: str) -> list[str]:
@@ -223,8 +241,9 @@ def _gflops_section(rows: list[Row], metric: str) -> list[str]:
         return []
     header = ["case", "roofline GFLOP/s", *providers]
     body = []
+    roofs = {r["case"]: r for r in rows if r["metric"] == "roofline"}
     for c in cases:
-        roof = idx.get((c, "torch.mm", "roofline"))
+        roof = roofs.get(c)
         cells = []
         for p in providers:
             r = idx.get((c, p, metric))
@@ -236,8 +255,13 @@ def _gflops_section(rows: list[Row], metric: str) -> list[str]:
                 cells.append(f"{r['gflops']:.1f}")
         roof_cell = f"{roof['gflops']:.1f}" if roof and roof["gflops"] else "-"
         body.append([c, roof_cell, *cells])
-    return ["", f"### {metric}: GFLOP/s on the kept weights (fraction of the roofline)", "",
-            _table(header, body)]
+    lines = ["", f"### {metric}: GFLOP/s on the kept weights (fraction of the roofline)", ""]
+    if any(info.get("shape") in IMAGE_SHAPES for c, info in _case_info(rows).items()
+           if c in cases):
+        lines += ["Roofline: torch.mm on the dense layer shapes; for the image shapes "
+                  "(convolutions, FLOPs per output pixel) F.conv2d on the dense convolutions "
+                  "at the same batch, so their fraction is of the dense convolution rate.", ""]
+    return [*lines, _table(header, body)]
 
 
 def _solve_section(rows: list[Row], metric: str = "solve") -> list[str]:
@@ -337,14 +361,72 @@ def target_checks(rows: list[Row]) -> list[dict[str, Any]]:
     return checks
 
 
+def image_target_checks(rows: list[Row]) -> list[dict[str, Any]]:
+    """The image-flow speed targets of issue 17 that these rows can decide.
+
+    Per image shape, f with divergence per NFE against dense_eager: unstructured 80%
+    pruned >= 2x, 95% >= 4x; structured (half the filters) >= 0.8 x the FLOP ratio
+    (the row's ``flop_ratio``: dense FLOPs / those of the reduced convolutions); and
+    MNIST at 63% pruned (the paper's best): the whole training step (train_solve) and
+    the per-NFE training step (train_step) faster than dense. Every sparsekern
+    provider measured is checked (sparsekern, and sparsekern_native for train_solve).
+
+    Returns:
+        One dict per decidable target, as ``target_checks`` (plus "provider").
+    """
+    idx = _index(rows)
+    checks: list[dict[str, Any]] = []
+
+    def get(case: str, provider: str, metric: str = "f_div") -> Row | None:
+        r = idx.get((case, provider, metric))
+        ok = r and not r["error"] and r["median_ms"] and r["speedup"] is not None
+        return r if ok else None
+
+    for shape in IMAGE_SHAPES:
+        for density, pruned, need in (("0.2", 80, 2.0), ("0.05", 95, 4.0)):
+            r = get(f"{shape}/unstructured/{density}", "sparsekern")
+            if r:
+                checks.append({"target": f"unstructured {pruned}%: f_div >= {need:g}x dense",
+                               "case": r["case"], "provider": "sparsekern",
+                               "measured": _fmt_x(r["speedup"]), "needed": f">= {need:.2f}x",
+                               "met": r["speedup"] >= need})
+        r = get(f"{shape}/structured/0.5", "sparsekern")
+        if r and r.get("flop_ratio"):
+            need = 0.8 * r["flop_ratio"]
+            checks.append({"target": "structured 50% of filters: f_div >= 0.8 x FLOP ratio",
+                           "case": r["case"], "provider": "sparsekern",
+                           "measured": _fmt_x(r["speedup"]),
+                           "needed": f">= {need:.2f}x (FLOP ratio {r['flop_ratio']:.2f})",
+                           "met": r["speedup"] >= need})
+    for metric, what in (("train_solve", "whole training step"),
+                         ("train_step", "training step per NFE")):
+        for provider in ("sparsekern", "sparsekern_native"):
+            r = get("mnist/unstructured/0.37", provider, metric)
+            if r:
+                checks.append({"target": f"mnist 63%: {what} ({metric}) faster than dense",
+                               "case": r["case"], "provider": provider,
+                               "measured": _fmt_x(r["speedup"]), "needed": "> 1.00x",
+                               "met": r["speedup"] > 1})
+    return checks
+
+
 def _targets_section(rows: list[Row]) -> list[str]:
+    lines: list[str] = []
     checks = target_checks(rows)
-    if not checks:
-        return []
-    body = [[c["target"], c["case"], c["measured"], c["needed"], "yes" if c["met"] else "**no**"]
-            for c in checks]
-    return ["", "## Engine speed targets (issue 5; f with divergence, sparsekern)", "",
-            _table(["target", "case", "measured", "needed", "met"], body, "lllll")]
+    if checks:
+        body = [[c["target"], c["case"], c["measured"], c["needed"],
+                 "yes" if c["met"] else "**no**"] for c in checks]
+        lines += ["", "## Engine speed targets (issue 5; f with divergence, sparsekern)", "",
+                  _table(["target", "case", "measured", "needed", "met"], body, "lllll")]
+    image = image_target_checks(rows)
+    if image:
+        body = [[c["target"], c["case"], c["provider"], c["measured"], c["needed"],
+                 "yes" if c["met"] else "**no**"] for c in image]
+        lines += ["", "## Image-flow speed targets (issue 17; against dense_eager, PyTorch's "
+                      "own convolutions)", "",
+                  _table(["target", "case", "provider", "measured", "needed", "met"], body,
+                         "llllll")]
+    return lines
 
 
 def consistency_problems(rows: list[Row]) -> list[str]:

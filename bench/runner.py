@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from bench.cases import Case, build_field, kept_weights
+from bench.cases import Case, Shape, build_field, kept_weights, reduced_weights
 from bench.metrics import (
     FLOW_METRICS,
     FLOW_RUNNERS,
@@ -17,6 +17,7 @@ from bench.metrics import (
     RUNNERS,
     Inputs,
     Result,
+    conv_roofline,
     flops,
     make_inputs,
     rel_err,
@@ -38,7 +39,9 @@ class Settings:
         seed: of models, inputs and the solve's noise.
         masks: "random" or "magnitude" (unstructured cases; ``bench.cases``).
         batch: overrides every case's batch (None: the shape's).
-        solve_batch: caps the batch of the solve metric (None: the case's batch).
+        solve_batch: caps the batch of the flow metrics (None: no cap of its own).
+        shape_solve_batch: also apply the shape's own cap (``Shape.solve_batch``: the
+            image shapes'), as the command line does unless ``--solve-batch`` is given.
         solve_blocks: caps the number of CNF blocks in the solve (None: all).
     """
 
@@ -50,6 +53,7 @@ class Settings:
     masks: str = "random"
     batch: int | None = None
     solve_batch: int | None = None
+    shape_solve_batch: bool = True
     solve_blocks: int | None = None
 
     def __post_init__(self) -> None:
@@ -64,13 +68,14 @@ def _error(exc: BaseException) -> str:
 
 
 def _base_row(case: Case, provider: str, metric: str, batch: int, settings: Settings,
-              kept: int, roof: float | None) -> dict[str, object]:
+              kept: int, roof: float | None, reduced: int | None = None) -> dict[str, object]:
     shape = case.shape
     row = empty_row()
     row.update(
         case=case.name, shape=shape.name, shape_label=shape.label, structure=case.structure,
         density=case.density, kept_weights=kept, dense_weights=shape.dense_weights,
         kept_fraction=kept / shape.dense_weights, provider=provider, metric=metric,
+        flop_ratio=shape.dense_weights / reduced if reduced else None,
         batch=batch, dtype=str(settings.dtype).removeprefix("torch."),
         device=str(settings.device), threads=torch.get_num_threads(), roofline_gflops=roof,
         masks=settings.masks if case.structure == "unstructured" and case.density < 1 else None,
@@ -100,6 +105,40 @@ def metrics_of(provider: Provider, metrics: list[str]) -> list[str]:
     return [m for m in metrics if provider.metric_unavailable(m) is None]
 
 
+def case_metric_reason(case: Case, metric: str) -> str | None:
+    """None if ``metric`` is measured on ``case``, else why not (the image shapes measure
+    the flow metrics on a few cases only: ``Shape.flow_densities``)."""
+    return case.shape.flow_metric_reason(case) if metric in FLOW_METRICS else None
+
+
+def case_metrics(case: Case, metrics: list[str]) -> list[str]:
+    """The metrics of ``metrics`` measured on ``case`` (``case_metric_reason``)."""
+    return [m for m in metrics if case_metric_reason(case, m) is None]
+
+
+def measured_metrics(provider: Provider, case: Case, metrics: list[str]) -> list[str]:
+    """What ``provider`` measures on ``case``: nothing on a shape it does not run
+    (``Provider.shape_unavailable``), else the metrics both it and the case measure."""
+    if provider.shape_unavailable(case.shape) is not None:
+        return []
+    return metrics_of(provider, case_metrics(case, metrics))
+
+
+def solve_batch_of(shape: Shape, batch: int, settings: Settings) -> int:
+    """The batch of the flow metrics: ``batch`` capped by ``settings.solve_batch`` and,
+    with ``settings.shape_solve_batch``, by the shape's own cap."""
+    out = min(batch, settings.solve_batch or batch)
+    if settings.shape_solve_batch and shape.solve_batch:
+        out = min(out, shape.solve_batch)
+    return out
+
+
+def roofline_provider(shape: Shape) -> str:
+    """The ``provider`` of a case's roofline row: "torch.mm" (GEMM), or "torch.conv2d" for
+    an image shape (PyTorch's dense convolution)."""
+    return "torch.conv2d" if shape.is_conv else "torch.mm"
+
+
 def _speedups(rows: list[dict[str, object]]) -> None:
     base = {(r["case"], r["metric"]): r["median_ms"] for r in rows
             if r["provider"] == "dense_eager" and r["median_ms"]}
@@ -120,44 +159,52 @@ class CaseRunner:
         self.bar = bar
         shape = case.shape
         self.batch = settings.batch or shape.batch
-        self.solve_batch = min(self.batch, settings.solve_batch or self.batch)
-        flow_metrics = any(m in FLOW_METRICS for m in settings.metrics)
-        n_blocks = shape.blocks if flow_metrics else 1
+        self.solve_batch = solve_batch_of(shape, self.batch, settings)
+        self.metrics = case_metrics(case, settings.metrics)
+        self.flow_metrics = any(m in FLOW_METRICS for m in self.metrics)
+        n_blocks = shape.blocks if self.flow_metrics else 1
         if settings.solve_blocks:
             n_blocks = min(n_blocks, settings.solve_blocks)
         self.nets = [build_field(case, dtype=settings.dtype, device=settings.device,
                                  seed=settings.seed, block=b, masks=settings.masks)
                      for b in range(n_blocks)]
         self.kept = [kept_weights(n) for n in self.nets]
-        self.inputs: Inputs = make_inputs(shape.dim, self.batch, self.solve_batch, shape.T,
-                                          settings.dtype, settings.device, settings.seed)
+        self.reduced = reduced_weights(self.nets[0])
+        self.inputs: Inputs = make_inputs(shape.state_shape, self.batch, self.solve_batch,
+                                          shape.T, settings.dtype, settings.device,
+                                          settings.seed, noise=shape.noise)
         self.reference: dict[str, tuple[torch.Tensor, ...]] = {}
         self.reference_keys: dict[str, tuple[str, ...] | None] = {}
 
+    def _roofline(self, batch: int):
+        s, shape = self.settings, self.case.shape
+        if shape.image is not None:
+            return conv_roofline(shape.conv_layers, shape.image, batch, s.dtype, s.device,
+                                 s.timing)
+        return roofline(shape.layer_shapes, batch, s.dtype, s.device, s.timing)
+
     def roofline_row(self) -> dict[str, object]:
-        s = self.settings
-        row = _base_row(self.case, "torch.mm", "roofline", self.batch, s, self.kept[0], None)
+        s, shape = self.settings, self.case.shape
+        row = _base_row(self.case, roofline_provider(shape), "roofline", self.batch, s,
+                        self.kept[0], None, self.reduced)
         try:
-            timing, rate = roofline(self.case.shape.layer_shapes, self.batch, s.dtype, s.device,
-                                    s.timing)
+            timing, rate = self._roofline(self.batch)
         except Exception as exc:
             row["error"] = _error(exc)
             return row
         row.update(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
                    repeats=timing.repeats, inner=timing.inner, first_ms=timing.first_ms,
-                   flops=2 * self.batch * self.case.shape.dense_weights, gflops=rate,
+                   flops=2 * self.batch * shape.pixels * shape.dense_weights, gflops=rate,
                    roofline_gflops=rate, roofline_fraction=1.0)
         return row
 
     def _solve_roofline(self, roof: float | None) -> float | None:
-        """The dense GEMM rate at the solve's batch (the case's roofline if they agree)."""
-        if self.solve_batch == self.batch or not any(m in FLOW_METRICS
-                                                     for m in self.settings.metrics):
+        """The dense GEMM (image shapes: convolution) rate at the solve's batch (the case's
+        roofline if they agree)."""
+        if self.solve_batch == self.batch or not self.flow_metrics:
             return roof
-        s = self.settings
         try:
-            return roofline(self.case.shape.layer_shapes, self.solve_batch, s.dtype, s.device,
-                            s.timing)[1]
+            return self._roofline(self.solve_batch)[1]
         except Exception:
             return None
 
@@ -167,7 +214,7 @@ class CaseRunner:
         roof = roof_row["gflops"]
         roof_solve = self._solve_roofline(roof)
         for provider in self.providers:
-            metrics = metrics_of(provider, self.settings.metrics)
+            metrics = measured_metrics(provider, self.case, self.settings.metrics)
             if not metrics:
                 continue
             prepared: Prepared | None = None
@@ -182,7 +229,7 @@ class CaseRunner:
                 flow_metric = metric in FLOW_METRICS
                 batch = self.solve_batch if flow_metric else self.batch
                 row = _base_row(self.case, provider.name, metric, batch, self.settings,
-                                self.kept[0], roof_solve if flow_metric else roof)
+                                self.kept[0], roof_solve if flow_metric else roof, self.reduced)
                 if prepared is not None:
                     row["div_impl"] = prepared.div_impl.get(metric)
                     row["backend"] = prepared.info.get("backend")
@@ -208,12 +255,13 @@ class CaseRunner:
             flow = prepare(self.case.shape, self.nets, self.solve_batch)
             result = FLOW_RUNNERS[metric](flow, self.inputs, s.timing, s.device)
             n_flops = flops(metric, self.kept[0], self.solve_batch, result.nfe_per_block,
-                            self.kept, result.nfe_backward_per_block)
+                            self.kept, result.nfe_backward_per_block,
+                            pixels=self.case.shape.pixels)
         else:
             if prepared is None:
                 raise RuntimeError("provider was not prepared")
             result = RUNNERS[metric](prepared.field, self.inputs, s.timing, s.device)
-            n_flops = flops(metric, self.kept[0], self.batch)
+            n_flops = flops(metric, self.kept[0], self.batch, pixels=self.case.shape.pixels)
         _fill(row, result, n_flops)
         if provider.name == "dense_eager":
             self.reference[metric] = result.outputs
@@ -247,13 +295,15 @@ def run_benchmark(
 
     Returns:
         Rows with the fields of ``bench.schema.ROW_FIELDS``: one roofline row per
-        case, then one per (provider, metric) the provider measures (none for
-        the others: ``Provider.metric_unavailable``). A failure is a row with ``error``
-        set and no times, never an exception.
+        case, then one per (provider, metric) the provider measures on the case (none
+        for the others: ``Provider.metric_unavailable``, ``Provider.shape_unavailable``,
+        ``case_metric_reason``). A failure is a row with ``error`` set and no times,
+        never an exception.
     """
     rows: list[dict[str, object]] = []
-    per_case = sum(len(metrics_of(p, settings.metrics)) for p in providers)
-    total = len(cases) * per_case
+    per_case = {c.name: sum(len(measured_metrics(p, c, settings.metrics)) for p in providers)
+                for c in cases}
+    total = sum(per_case.values())
     with tqdm(total=total, disable=not progress, unit="meas", dynamic_ncols=True) as bar:
         for case in cases:
             bar.set_description(case.name)
@@ -265,7 +315,7 @@ def run_benchmark(
                                 settings, 0, None)
                 row["error"] = _error(exc)
                 rows.append(row)
-                bar.update(per_case)
+                bar.update(per_case[case.name])
                 continue
             rows += runner.run()
             if progress:

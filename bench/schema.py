@@ -18,19 +18,26 @@ SCHEMA_VERSION = 1
 
 ROW_FIELDS: dict[str, str] = {
     "case": 'case name "<shape>/<structure>/<density>", e.g. "miniboone/unstructured/0.1"',
-    "shape": 'model shape name ("toy", "power", "gas", "hepmass", "miniboone", "bsds300")',
+    "shape": 'model shape name ("toy", "power", "gas", "hepmass", "miniboone", "bsds300", '
+             'and the image shapes "mnist", "cifar10")',
     "shape_label": 'widths, activation, time input and blocks, e.g. "43-860x2-43 softplus '
-                   'concatsquash x1"',
-    "structure": '"unstructured" (weights) or "structured" (neurons)',
+                   'concatsquash x1", "1x28x28 conv3x3 64x3 softplus concat x1"',
+    "structure": '"unstructured" (weights) or "structured" (neurons; filters of the image '
+                 'shapes)',
     "density": "unstructured: kept fraction of the prunable weights; structured: kept fraction "
-               "of the neurons of every hidden layer",
+               "of the neurons (filters) of every hidden layer",
     "kept_fraction": "kept fraction of the prunable weights of one vector field (as measured)",
-    "kept_weights": "kept prunable weights of one vector field (K in the FLOP counts)",
+    "kept_weights": "kept prunable weights of one vector field (K in the FLOP counts; image "
+                    "shapes: convolution taps, time channel included)",
     "dense_weights": "prunable weights of one dense vector field",
+    "flop_ratio": "dense FLOPs / FLOPs of the reduced network (the kept state-path weights "
+                  "between live units once dead neurons / filters are removed, time-channel "
+                  "taps left out: the smaller dense convolutions structured pruning leaves); "
+                  "null where nothing is left (a field that no longer depends on z)",
     "masks": 'unstructured cases below density 1: "random" or "magnitude" masks; null otherwise',
     "provider": 'what ran it: "dense_eager", "torch_compile", "torch_csr", "sparsekern", '
                 '"sparsekern_<backend, layout or tier>", "sparsekern_native", "torchode", or '
-                '"torch.mm" for the roofline row',
+                '"torch.mm" for the roofline row ("torch.conv2d" for the image shapes)',
     "metric": '"f", "f_div", "train_step", "solve", "train_solve", or "roofline"',
     "median_ms": "median time per call (f, f_div, train_step: per NFE; solve, train_solve: "
                  "the whole solve, or training step)",
@@ -60,7 +67,8 @@ ROW_FIELDS: dict[str, str] = {
     "flops": "floating-point operations on the kept weights per call (see README)",
     "gflops": "flops / median time, in GFLOP/s",
     "roofline_gflops": "GFLOP/s of torch.mm on the case's dense layer shapes at the row's "
-                       "batch, measured in the same run",
+                       "batch, measured in the same run (image shapes: F.conv2d on the dense "
+                       "convolutions)",
     "roofline_fraction": "gflops / roofline_gflops",
     "speedup": "dense_eager median / this median for the same case and metric (>1: faster)",
     "rel_err": "norm-wise relative error of the outputs against dense_eager's on the same "
@@ -92,6 +100,10 @@ META_FIELDS: dict[str, str] = {
     "skipped": "providers not available here, with the reason",
     "skipped_metrics": "per provider that ran, the selected metrics it does not measure, "
                        "with the reason (sparsekern_native, torchode: flow metrics only)",
+    "skipped_shapes": "per provider that ran, the selected shapes it does not run, with the "
+                      "reason (torch_csr, torch_bsr, torchode: not the image shapes)",
+    "skipped_case_metrics": "per selected case, the selected metrics not measured on it, with "
+                            "the reason (the image shapes' flow metrics: a few cases only)",
     "started": "start time, ISO 8601 (UTC)",
     "duration_s": "wall-clock seconds of the whole run",
     "complete": "false while the run is still going (results.json is rewritten after each case)",

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from flows import ODEnet, ConvODEnet, CNF, SequentialFlow, ODEClassifier
+    from flows import ODEnet, ConvODEnet, CNF, SequentialFlow, MultiscaleFlow, ODEClassifier
     flow = CNF(ODEnet(2, (64, 64, 64), time="none", activation="sigmoid"))
     nll = -flow.log_prob(x).mean()
 """
@@ -16,6 +16,7 @@ from flows.likelihood import (
     nll_nats,
     standard_normal_logprob,
 )
+from flows.multiscale import MultiscaleFlow, Squeeze
 from flows.neural_ode import ODEBlock, ODEClassifier
 from flows.odefunc import ODEFunc, odesolve
 from flows.odenet import (
@@ -39,11 +40,13 @@ __all__ = [
     "ConvODEnet",
     "Flow",
     "LogitTransform",
+    "MultiscaleFlow",
     "ODEBlock",
     "ODEClassifier",
     "ODEFunc",
     "ODEnet",
     "SequentialFlow",
+    "Squeeze",
     "bits_per_dim",
     "dequantize",
     "divergence_exact",

@@ -209,17 +209,19 @@ def cmd_sample(args: argparse.Namespace) -> Path:
     if out.suffix not in SAMPLE_SUFFIXES:
         raise PathError(
             out,
-            f"--out {out} must end in .png (a 2D scatter plot) or .pt (a tensor file), "
-            f"not {out.suffix or 'no suffix'!r}",
+            f"--out {out} must end in .png (a 2D scatter plot or an image grid) or .pt "
+            f"(a tensor file), not {out.suffix or 'no suffix'!r}",
         )
     check_output_file(out, "--out file")
     model, config, data = load_cycle_model(args.run, args.cycle)
     if config["task"] != "density":
         raise ValueError(f"run {args.run} is a {config['task']} run; only density flows sample")
-    if out.suffix == ".png" and tuple(data.train.shape[1:]) != (2,):
+    shape = tuple(data.train.shape[1:])
+    images = data.levels is not None
+    if out.suffix == ".png" and shape != (2,) and not images:
         raise ValueError(
-            f"PNG output is for 2D data, but run {args.run} has samples of shape "
-            f"{list(data.train.shape[1:])}; use a .pt file for other shapes"
+            f"PNG output is for 2D data or images, but run {args.run} has samples of shape "
+            f"{list(shape)}; use a .pt file for other shapes"
         )
     x = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     bad = int(nonfinite_rows(x).numel())
@@ -229,7 +231,12 @@ def cmd_sample(args: argparse.Namespace) -> Path:
             "or inf) from finite weights and base noise: the reverse solve diverged; nothing "
             f"was written to {out}"
         )
-    if out.suffix == ".png":
+    if out.suffix == ".png" and images:
+        from flows.run_report import plot_image_grid
+
+        # Pixels in [0, 1]: the flow's reverse undid the logit transform; clamped.
+        plot_image_grid(x.clamp(0, 1), out, nrow=max(1, round(args.n**0.5)))
+    elif out.suffix == ".png":
         import io
 
         import matplotlib
@@ -401,7 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycle", type=_typed(CYCLE, "cycle"), help="cycle (default: the last)")
     p.add_argument("-n", type=_typed(SAMPLES, "n"), default=1000, help="number of samples")
     p.add_argument("--seed", type=_setting("run.seed"), default=0)
-    p.add_argument("--out", required=True, help=".png (2D scatter) or .pt (tensor) file")
+    p.add_argument(
+        "--out", required=True,
+        help=".png (2D scatter, or an image grid for image runs) or .pt (tensor) file",
+    )
 
     p = sub.add_parser("report", help="markdown table and plots over one or more runs")
     p.add_argument("runs", nargs="+", help="run directories")

@@ -4,9 +4,10 @@ After a prune step the flow is compiled (``compile_for_training``, through
 ``sparsekern.compile_sparse``): the optimiser then trains the kept values only,
 evaluation runs on the same compiled dynamics, and the pipeline's
 ``sparsekern.write_back`` returns the trained values to the dense masked model
-before the next prune step and the checkpoint. Layers the engine cannot compile
-(the convolutions of image flows) run dense through PyTorch; they are listed,
-never silently skipped.
+before the next prune step and the checkpoint. Image flows' concat convolutions
+compile too (``sparsekern.fused_conv``); a layer the engine cannot compile (a
+dilated convolution, say) runs dense through PyTorch and is listed, never
+silently skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ KERNELS = ("compiled", "dense")
 
 
 def compile_for_training(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """The compiled model for a cycle, and the ops left dense (e.g. "Conv2d (layers.0.conv)").
+    """The compiled model for a cycle, and the ops left dense (e.g. "Conv2d with dilation
+    (2, 2) (layers.0.conv)"; none for the flows of this package).
 
     Layouts are chosen by the engine's density rule, not by timing, so the same
     masks give the same kernels and a resumed run the same numbers.

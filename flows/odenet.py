@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sparsekern.protocol import LinearSpec, MLPSpec
+from sparsekern.protocol import ConvNetSpec, ConvSpec, LinearSpec, MLPSpec
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -235,3 +235,9 @@ class ConvODEnet(nn.Module):
             if i < len(self.acts):
                 h = self.acts[i](h)
         return h
+
+    def sparsekern_convnet(self) -> ConvNetSpec:
+        """This net for sparsekern's fused tier: concat convolutions, time the last input
+        channel (``sparsekern.protocol.ConvNetSpec``)."""
+        return ConvNetSpec([ConvSpec(layer.conv, "concat") for layer in self.layers],
+                           list(self.acts), self.in_shape[0])

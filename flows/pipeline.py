@@ -17,9 +17,10 @@ evaluates each cycle on ``sparsekern.compile_sparse``'d dynamics, whose
 parameters are the kept values only, then writes them back into the dense
 masked model, which is pruned next and checkpointed as before (``flows.engine``).
 "dense" trains the dense masked model itself. Rows of a compiled run add
-``kernels``, ``not_compiled`` (ops that ran dense, e.g. an image flow's
-convolutions) and, when ``run.speedup_steps`` > 0, ``step_seconds_dense``,
-``step_seconds_compiled`` and ``speedup``: a training step of both models on the
+``kernels``, ``not_compiled`` (ops the engine could not compile and ran dense;
+empty for this package's flows, image flows included) and, when
+``run.speedup_steps`` > 0, ``step_seconds_dense``, ``step_seconds_compiled``
+and ``speedup``: a training step of both models on the
 same batches, measured in the same run (the global RNG is restored, so the
 measurement changes no result).
 
@@ -65,9 +66,10 @@ from flows.datasets import (
 )
 from flows.engine import compile_for_training, measure_speedup
 from flows.finite import check_finite_rows
-from flows.likelihood import LogitTransform, bits_per_dim, dequantize, nll_nats
+from flows.likelihood import bits_per_dim, dequantize, nll_nats
+from flows.multiscale import MultiscaleFlow
 from flows.neural_ode import ODEClassifier
-from flows.odenet import ConvODEnet, ODEnet
+from flows.odenet import ODEnet
 from flows.presets import merge
 from flows.prune import empty_layers, prune_, sparsity
 from flows.run_config import RunConfig, as_run_config, reference_config
@@ -198,13 +200,16 @@ def build_model(config: ConfigLike, data: RunData) -> nn.Module:
         **solver,
     }
     if m.kind == "conv":
-        shape = tuple(data.train.shape[1:])
-        blocks: list[nn.Module] = [LogitTransform(_present(m.alpha, "model.alpha"))]
-        blocks += [
-            CNF(ConvODEnet(shape, hidden, activation=m.activation), **cnf_kw)
-            for _ in range(m.blocks)
-        ]
-        return SequentialFlow(blocks).to(dtype)
+        # FFJORD's multiscale flow (flows.multiscale); model.blocks is CNFs per stack.
+        flow = MultiscaleFlow(
+            tuple(data.train.shape[1:]),
+            hidden,
+            blocks=m.blocks,
+            alpha=_present(m.alpha, "model.alpha"),
+            activation=m.activation,
+            cnf_kwargs=cnf_kw,
+        )
+        return flow.to(dtype)
     dim = data.train.shape[1]
     cnfs = [
         CNF(ODEnet(dim, hidden, time=_present(m.time, "model.time"), activation=m.activation),
@@ -406,7 +411,7 @@ def run_cycle(
         progress: show a progress bar for training.
 
     Returns:
-        The row (``RESULT_FIELDS``, empty_layers, prepare_seconds,
+        The row (``RESULT_FIELDS``, total_params, empty_layers, prepare_seconds,
         train_seconds, eval_seconds, iters, kernels; not_compiled and the
         speedup measurement when compiled; accuracies for classification) and
         the training history.
@@ -456,6 +461,7 @@ def run_cycle(
         "prune_ratio": s["prune_ratio"],
         "kept_fraction": s["kept_fraction"],
         "nonzero_params": s["nonzero_params"],
+        "total_params": s["total_params"],  # the dense count (Table 3's #params at PR 0)
         # Layers with no kept weight (global magnitude pruning may empty one; the
         # prune step warned when it did): they pass on their bias alone.
         "empty_layers": empty_layers(model),
@@ -576,12 +582,15 @@ def run_pipeline(
 
 
 def _write_report(out: Path, config: RunConfig, data: RunData, plots: bool) -> None:
-    """results.md and plots; a 2D density run also gets its densities per cycle."""
+    """results.md and plots; a 2D density run also gets its densities per cycle, an
+    image run a grid of samples per cycle."""
+
+    def cycle_model(cycle: int) -> Flow:
+        return cast(Flow, load_cycle_model(out, cycle, data)[0])
+
     if config.task == "density" and config.run.dataset in TOY_DATASETS:
-
-        def cycle_model(cycle: int) -> Flow:
-            return cast(Flow, load_cycle_model(out, cycle, data)[0])
-
         write_run_report(out, plots, cycle_model=cycle_model, points=data.test)
+    elif data.levels is not None:
+        write_run_report(out, plots, cycle_model=cycle_model)
     else:
         write_run_report(out, plots)

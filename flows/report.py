@@ -2,7 +2,8 @@
 
 A run's own results.md and plots are written at the end of the run, by
 ``flows.run_report.write_run_report``; the tables and plots here are the same ones
-(``flows.run_report.results_table``, ``plot_metric_vs_ratio``), one section per run.
+(``flows.run_report.results_table``, ``params_table`` for image runs,
+``plot_metric_vs_ratio``), one section per run.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flows.checkpoint import check_output_dir, write_text_atomic
-from flows.run_report import metric_axis, plot_metric_vs_ratio, results_table, run_label
+from flows.run_config import as_run_config
+from flows.run_report import (
+    metric_axis,
+    params_table,
+    plot_metric_vs_ratio,
+    results_table,
+    run_label,
+)
 from flows.rundir import read_run
 
 
@@ -39,6 +47,8 @@ def render_report(run_dirs: Sequence[str | Path], out: str | Path, plots: bool =
     md = ["# Sparse Flows report\n"]
     for d, config, rows in runs:
         md += [f"\n## {run_label(config)}\n\n`{d}`\n\n", results_table(rows, config)]
+        if as_run_config(config).model.kind == "conv":  # images: the paper's Table 3 columns
+            md.append(params_table(rows, config))
     if plots:
         metric, ylabel = metric_axis(runs[0][1])
         plot_metric_vs_ratio(

@@ -12,9 +12,7 @@ from typing import Any
 
 import torch
 
-from flows.checkpoint import (
-    write_text_atomic,
-)
+from flows.checkpoint import write_bytes_atomic, write_text_atomic
 from flows.cnf import Flow
 from flows.odefunc import exact_divergence
 from flows.run_config import RunConfig, as_run_config
@@ -162,6 +160,90 @@ def plot_metric_vs_ratio(
     return _save_figure(fig, path, dpi=100)
 
 
+def params_table(rows: Sequence[dict[str, Any]], config: RunConfig | Mapping[str, Any]) -> str:
+    """Paper Table 3's columns for one run: test loss and parameters per cycle.
+
+    "params" is the nonzero parameters after the cycle (pruned weights are exact
+    zeros, so: what is kept), "of dense" their share of the dense model's
+    parameters (the row's ``total_params``; rows written before it existed use
+    cycle 0's count).
+    """
+    c = as_run_config(config)
+    metric, label = metric_axis(c)
+    dense = next((r["total_params"] for r in rows if "total_params" in r), None)
+    if dense is None and rows:
+        dense = rows[0]["nonzero_params"]
+    lines = [f"| cycle | prune ratio | params | of dense | {label} |", "|---|---|---|---|---|"]
+    for r in rows:
+        share = f"{100 * r['nonzero_params'] / dense:.1f}%" if dense else ""
+        lines.append(f"| {r['cycle']} | {100 * r['prune_ratio']:.1f}% | "
+                     f"{r['nonzero_params']:,} | {share} | {r[metric]:.4f} |")
+    of = f"; dense model: {dense:,}" if dense else ""
+    return f"\nParameters (as in the paper's Table 3{of}):\n\n" + "\n".join(lines) + "\n"
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 1) -> torch.Tensor:
+    """Tile images [N, C, H, W] (values in [0, 1]) into one [rows, cols, C] picture.
+
+    ``nrow`` images per row, ``pad`` pixels of white between them; NaN becomes 0.
+    """
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"image_grid takes a non-empty batch [N, C, H, W], got "
+                         f"{list(images.shape)}")
+    x = torch.nan_to_num(images.detach().float().cpu(), nan=0.0).clamp(0, 1)
+    n, c, h, w = x.shape
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
+    for k in range(n):
+        i, j = divmod(k, cols)
+        top, left = pad + i * (h + pad), pad + j * (w + pad)
+        grid[:, top : top + h, left : left + w] = x[k]
+    return grid.permute(1, 2, 0)
+
+
+def image_grid_png(images: torch.Tensor, title: str | None = None, nrow: int = 8) -> bytes:
+    """PNG bytes of images [N, C, H, W] in [0, 1] as one grid (1 channel grey, 3 RGB)."""
+    import io
+
+    plt = _pyplot()
+    grid = image_grid(images, nrow).numpy()
+    fig, ax = plt.subplots(figsize=(4, 4 * grid.shape[0] / grid.shape[1] + (0.3 if title else 0)))
+    if grid.shape[2] == 1:
+        ax.imshow(grid[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_image_grid(images: torch.Tensor, path: str | Path, title: str | None = None,
+                    nrow: int = 8) -> Path:
+    """Write ``image_grid_png`` to ``path`` (atomically, making its folder); returns it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_bytes_atomic(image_grid_png(images, title, nrow), path)
+
+
+@torch.no_grad()
+def sample_images(flow: Flow, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """n images from an image flow, [n, C, H, W] with pixels in [0, 1].
+
+    The reverse solve ends in the flow's data space (the logit transform undone),
+    the dequantised [0, 1) scale of the training data; values are clamped to
+    [0, 1]. The base noise comes from ``seed``, so every cycle of a run shows the
+    same base samples.
+    """
+    x = flow.sample(n, generator=torch.Generator().manual_seed(seed))
+    return x.clamp(0, 1)
+
+
 @torch.no_grad()
 def density_grid(
     flow: Flow, lim: float = 4.0, n_grid: int = 100, batch_size: int = 4096
@@ -235,22 +317,41 @@ def write_run_report(
         plots: draw the metric against prune ratio (plots/nll_vs_prune_ratio.png).
         cycle_model, points: given both, also the density and samples of every
             cycle (plots/density_per_cycle.png, for 2D density runs); see
-            ``plot_density_cycles``.
+            ``plot_density_cycles``. For an image run (model kind "conv"),
+            ``cycle_model`` alone: a grid of samples per cycle
+            (plots/samples_cycle{k}.png, the same base noise every cycle).
+
+    Image runs also get the parameter table (``params_table``, the paper's
+    Table 3), and their metric plot is bits/dim against prune ratio (Fig. 7).
 
     Returns the path of results.md.
     """
     run_dir = Path(run_dir)
     config, rows = read_run(run_dir)
     c = RunConfig.from_dict(config)
+    images = c.model.kind == "conv"
     md = [f"# {run_label(c)}\n", results_table(rows, c)]
+    if images:
+        md.append(params_table(rows, c))
     if plots:
         metric, ylabel = metric_axis(c)
         plot_metric_vs_ratio(
             [(run_label(c), rows)], run_dir / "plots" / "nll_vs_prune_ratio.png", metric, ylabel
         )
-        md.append("\n![metric against prune ratio](plots/nll_vs_prune_ratio.png)\n")
+        what = "test bits/dim against prune ratio (Fig. 7)" if images else (
+            "metric against prune ratio")
+        md.append(f"\n![{what}](plots/nll_vs_prune_ratio.png)\n")
         if cycle_model is not None and points is not None and rows:
             density = run_dir / "plots" / "density_per_cycle.png"
             plot_density_cycles(rows, cycle_model, points, density)
             md.append("\n![density and samples per cycle](plots/density_per_cycle.png)\n")
+        elif cycle_model is not None and images and rows:
+            md.append("\nSamples per cycle (the same base noise in every cycle):\n")
+            for r in rows:
+                name = f"samples_cycle{r['cycle']}.png"
+                x = sample_images(cycle_model(r["cycle"]))
+                plot_image_grid(x, run_dir / "plots" / name,
+                                f"cycle {r['cycle']}, PR {100 * r['prune_ratio']:.0f}%, "
+                                f"{r['test_nll']:.3f} bits/dim")
+                md.append(f"\n![samples after cycle {r['cycle']}](plots/{name})\n")
     return write_text_atomic("".join(md), run_dir / "results.md")

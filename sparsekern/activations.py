@@ -63,6 +63,25 @@ def activation_name(module: nn.Module) -> str | None:
     return None
 
 
+def act_and_slope(a: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma(a), sigma'(a)): ``act_ref``'s first two, without computing sigma''.
+
+    The forward pass of a program needs only these two; for the common activations
+    they take fewer passes over ``a`` than ``act_ref`` (one elementwise op less each
+    on an image batch is milliseconds).
+    """
+    if act == ACT_IDS["softplus"]:
+        return F.softplus(a), torch.sigmoid(a).masked_fill_(a > SOFTPLUS_THRESHOLD, 1.0)
+    if act == ACT_IDS["tanh"]:
+        h = torch.tanh(a)
+        return h, 1 - h * h
+    if act == ACT_IDS["sigmoid"]:
+        h = torch.sigmoid(a)
+        return h, h * (1 - h)
+    h, d1, _ = act_ref(a, act)
+    return h, d1
+
+
 def act_ref(a: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sigma(a), sigma'(a), sigma''(a)) for activation id ``act``, elementwise.
 

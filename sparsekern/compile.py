@@ -9,9 +9,10 @@ from torch import nn
 from sparsekern.config import SparseConfig
 from sparsekern.field import CompiledField
 from sparsekern.fused import FusedMLP
+from sparsekern.fused_conv import FusedConvNet
 from sparsekern.generic import GenericField
 from sparsekern.masks import CompileError
-from sparsekern.protocol import declared_fields, recognise_chain
+from sparsekern.protocol import declared_fields, recognise_chain, recognise_convnet
 
 
 def _compile_field(f: nn.Module, config: SparseConfig) -> CompiledField:
@@ -20,11 +21,15 @@ def _compile_field(f: nn.Module, config: SparseConfig) -> CompiledField:
     chain = None if config.tier == "generic" else recognise_chain(f)
     if chain is not None:
         return FusedMLP(f, chain, config)
+    conv_chain = None if config.tier == "generic" else recognise_convnet(f)
+    if conv_chain is not None:
+        return FusedConvNet(f, conv_chain, config)
     if config.tier == "fused":
         raise CompileError(
             f"tier='fused' needs a recognised MLP (a module whose sparsekern_mlp() describes "
             f"it, a type registered with sparsekern.protocol.register_mlp, or an nn.Sequential "
-            f"of Linear and one elementwise activation), got {type(f).__name__}; use tier='auto'"
+            f"of Linear and one elementwise activation) or a convolutional field whose "
+            f"sparsekern_convnet() describes it, got {type(f).__name__}; use tier='auto'"
         )
     return GenericField(f, config)
 
@@ -85,7 +90,10 @@ def compile_sparse(model: nn.Module, config: SparseConfig | None = None) -> nn.M
     - a vector field whose ``sparsekern_mlp()`` describes it as an MLP (its
       ``nn.Linear`` layers, time modes, activation), or whose type has a describe
       function (``register_mlp``; ``nn.Sequential`` chains have one), gets the
-      fused tier; any other vector field the generic tier;
+      fused tier, as does one whose ``sparsekern_convnet()`` describes it as a
+      chain of convolutions (``sparsekern.fused_conv``); any other vector field
+      the generic tier (pruned ``nn.Linear`` and ``nn.Conv2d`` on the state path
+      made sparse);
     - a container whose ``sparsekern_fields()`` names child modules that are vector
       fields (an ODE function) has those children compiled, wherever it sits in
       ``model`` (a CNF, a stack of flows, a classifier).

@@ -51,11 +51,17 @@ from sparsekern.protocol import Chain, ChainLayer, state_mask
 
 def reduce_chain(chain: Chain, reduce: bool) -> list[dict[str, torch.Tensor]]:
     """Per layer: ``rows`` (computed), ``cols`` (read), ``dead`` (folded constants), as int64."""
-    masks = [state_mask(layer) for layer in chain.layers]
+    return reduce_masks([state_mask(layer) for layer in chain.layers], chain.in_dim, reduce)
+
+
+def reduce_masks(masks: Sequence[torch.Tensor], in_dim: int, reduce: bool
+                 ) -> list[dict[str, torch.Tensor]]:
+    """Neuron reduction (module docstring) of a chain of [out, in] state connectivity masks
+    (a convolution's: output channel x input channel, ``sparsekern.fused_conv``)."""
     n = len(masks)
     dev = masks[0].device
     alive: list[torch.Tensor] = []
-    prev = torch.ones(chain.in_dim, dtype=torch.bool, device=dev)
+    prev = torch.ones(in_dim, dtype=torch.bool, device=dev)
     for m in masks:
         prev = (m & prev[None, :]).any(1) if reduce else torch.ones(m.shape[0], dtype=torch.bool,
                                                                    device=dev)

@@ -2,16 +2,17 @@
 
 Capture traces a copy of f with torch.fx. Every node that depends on the state
 z is on the state path. There, each ``nn.Linear`` call and each
-``F.linear(x, <parameter>, ...)`` becomes a ``SparseLinear`` (differentiable to
-any order), so divergences computed with autograd.grad(create_graph=True), as
-FFJORD's ODEfunc does, train through it. Everything else stays the PyTorch code
-it was. An op on the state path that uses a pruned weight in a way the engine
-cannot compile (a pruned Conv2d, a matmul with a masked parameter) is an error
-naming the op and the submodule, or, with ``fallback="eager"``, runs as it was
-with a warning.
+``F.linear(x, <parameter>, ...)`` becomes a ``SparseLinear``, and each
+``nn.Conv2d`` call a ``conv.SparseConv2d`` (both differentiable to any order),
+so divergences computed with autograd.grad(create_graph=True), as FFJORD's
+ODEfunc does, train through them. Everything else stays the PyTorch code it
+was. An op on the state path that uses a pruned weight in a way the engine
+cannot compile (``F.conv2d`` of a pruned parameter, a dilated or grouped
+Conv2d, a matmul with a masked parameter) is an error naming the op and the
+submodule, or, with ``fallback="eager"``, runs as it was with a warning.
 
 If f cannot be traced (Python control flow on tensor values), the copy's
-``nn.Linear`` submodules are replaced in place instead, with a warning: the
+``nn.Linear`` and ``nn.Conv2d`` submodules are replaced in place instead, with a warning: the
 result is the same function, but capture could not check the state path.
 """
 
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 
 from sparsekern.autotune import choose_layout
 from sparsekern.config import SparseConfig
+from sparsekern.conv import SparseConv2d, conv_geometry
 from sparsekern.divergence import divergence_exact, divergence_hutchinson
 from sparsekern.field import CompiledField
 from sparsekern.linear import KeptPool, SparseLinear
@@ -94,12 +96,12 @@ class GenericField(CompiledField):
                 "'tf32')" + (", or tier='auto'" if config.tier == "generic" else "")
             )
         super().__init__(source, config)
-        self.sparse: dict[str, SparseLinear] = {}
+        self.sparse: dict[str, SparseLinear | SparseConv2d] = {}
         self.eager_ops: list[str] = []
         # One KeptTensor per source Parameter, one SparseLinear per source module: a
         # module called twice, or a weight shared by two modules, stays tied.
         self._pool = KeptPool()
-        self._linears: dict[tuple[str, str | None], SparseLinear] = {}
+        self._linears: dict[tuple[str, str | None], SparseLinear | SparseConv2d] = {}
         self._added: dict[int, str] = {}  # SparseLinear -> its submodule name in the graph
         work = detached_copy(source)
         try:
@@ -123,7 +125,10 @@ class GenericField(CompiledField):
 
     # -- capture -------------------------------------------------------------------
     def _make_linear(self, source_root: nn.Module, name: str, weight_name: str,
-                     bias_name: str | None) -> SparseLinear:
+                     bias_name: str | None, conv: tuple[int, int] | None = None
+                     ) -> SparseLinear | SparseConv2d:
+        """The sparse map of a linear map's weight and bias (a ``SparseConv2d`` of
+        ``conv`` = (stride, padding) for a convolution), one per operand pair (tied)."""
         key = (weight_name, bias_name)
         if key in self._linears:  # the same module (or F.linear operands) used again: tied
             return self._linears[key]
@@ -137,6 +142,12 @@ class GenericField(CompiledField):
             b_owner_name, b_owner, b_attr = _owner(source_root, bias_name)
             bias = masked_tensor(b_owner, b_owner_name, b_attr.removesuffix("_orig"),
                                  zeros_are_pruned=False)
+        if conv is not None:
+            sconv = SparseConv2d(weight, bias, self.config.layout, self._backend, *conv,
+                                 self._pool)
+            self.sparse[name if name not in self.sparse else f"{name}#{len(self.sparse)}"] = sconv
+            self._linears[key] = sconv
+            return sconv
         if weight.value.dim() != 2:
             raise CompileError(f"{weight.name} is not a matrix (shape {list(weight.value.shape)})")
         layout: str = self.config.layout
@@ -191,12 +202,14 @@ class GenericField(CompiledField):
                 continue
             if node.op == "call_module":
                 mod = gm.get_submodule(node.target)
-                if type(mod) is nn.Linear:
+                conv = self._conv_geometry(mod, node.target)
+                if type(mod) is nn.Linear or conv is not None:
                     bias = f"{node.target}.bias" if mod.bias is not None else None
-                    lin = self._make_linear(source, node.target, f"{node.target}.weight", bias)
+                    lin = self._make_linear(source, node.target, f"{node.target}.weight", bias,
+                                            conv)
                     node.target = self._add(gm, lin, count)
                     count += 1
-                elif _is_pruned(mod):
+                elif _is_pruned(mod) and type(mod) is not nn.Conv2d:  # that one has warned
                     self._unsupported(type(mod).__name__, node.target)
             elif node.op == "call_function" and node.target is F.linear:
                 w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -233,7 +246,19 @@ class GenericField(CompiledField):
                 delattr(owner, attr)
         return gm
 
-    def _add(self, gm: fx.GraphModule, lin: SparseLinear, index: int) -> str:
+    def _conv_geometry(self, mod: nn.Module, where: str) -> tuple[int, int] | None:
+        """(stride, padding) of an ``nn.Conv2d`` the kernels run; None for another module,
+        or for a convolution they cannot run (reported, if pruned, by ``_unsupported``)."""
+        if type(mod) is not nn.Conv2d:
+            return None
+        geometry = conv_geometry(mod)
+        if isinstance(geometry, str):
+            if _is_pruned(mod):
+                self._unsupported(f"Conv2d with {geometry}", where)
+            return None
+        return geometry
+
+    def _add(self, gm: fx.GraphModule, lin: SparseLinear | SparseConv2d, index: int) -> str:
         if id(lin) in self._added:  # a tied map: every call goes to one submodule
             return self._added[id(lin)]
         name = self._added[id(lin)] = f"sparse_{index}"
@@ -279,17 +304,20 @@ class GenericField(CompiledField):
         for name, mod in list(work.named_modules(remove_duplicate=False)):
             if not name:
                 continue
-            if type(mod) is nn.Linear:
+            conv = self._conv_geometry(mod, name)
+            if type(mod) is nn.Linear or conv is not None:
                 name_of = first_name.setdefault(id(mod), name)
                 lin = self._make_linear(source, name_of, f"{name_of}.weight",
-                                        f"{name_of}.bias" if mod.bias is not None else None)
+                                        f"{name_of}.bias" if mod.bias is not None else None,
+                                        conv)
                 parent_name, _, child = name.rpartition(".")
                 parent = work.get_submodule(parent_name) if parent_name else work
                 setattr(parent, child, lin)
-            elif _is_pruned(mod):
+            elif _is_pruned(mod) and type(mod) is not nn.Conv2d:
                 self._unsupported(type(mod).__name__, name)
-        if type(work) is nn.Linear:
-            raise CompileError("a bare nn.Linear is not a vector field of the generic tier")
+        if type(work) in (nn.Linear, nn.Conv2d):
+            raise CompileError(f"a bare nn.{type(work).__name__} is not a vector field of the "
+                               "generic tier")
         return work
 
     # -- the contract --------------------------------------------------------------
@@ -349,7 +377,8 @@ class GenericField(CompiledField):
                  "| --- | --- | --- | --- | ---: | ---: |"]
         for name, lin in self.sparse.items():
             c = lin.core
-            lines.append(f"| {name} | {c.layout} | {lin.out_features}x{lin.in_features} | "
+            shape = "x".join(map(str, lin.weight.shape))
+            lines.append(f"| {name} | {c.layout} | {shape} | "
                          f"{c.n_rows}x{c.n_cols} | {c.nnz} | {100 * c.density:.1f}% |")
         if self.eager_ops:
             lines.append("Run dense (fallback='eager'): " + ", ".join(self.eager_ops))

@@ -124,7 +124,9 @@ class CoreMatrix(nn.Module):
     """W[rows][:, cols] of a kept tensor, in a layout, multiplying feature-major inputs.
 
     Args:
-        weight: the layer's kept values (a [n_out, n_in] tensor).
+        weight: the layer's kept values: a [n_out, n_in] tensor, or a convolution
+            weight [n_out, C_in, k, k] seen as the matrix [n_out, C_in * k * k] whose
+            column ci * k * k + ky * k + kx is one tap (``sparsekern.conv``).
         rows, cols: int64 indices of the output rows computed and the input
             columns read (neuron reduction); entries outside them are not in
             the core.
@@ -147,7 +149,7 @@ class CoreMatrix(nn.Module):
         super().__init__()
         if layout not in LAYOUT_CODES:
             raise CompileError(f"{weight.name}: unknown layout {layout!r}")
-        n_out, n_in = weight.shape
+        n_out, n_in = weight.shape[0], math.prod(weight.shape[1:])
         self.layout = layout
         self.n_rows, self.n_cols = rows.numel(), cols.numel()
         row_pos = torch.full((n_out,), -1, dtype=torch.long, device=rows.device)

@@ -9,6 +9,13 @@ The engine imports no model library. Model code describes itself in three ways:
   None means "not an MLP the fused tier can run" (the generic tier compiles it).
   The engine reads the masks itself (``masked_tensor``) and builds the ``Chain``
   that the fused tier (``sparsekern.fused``) compiles.
+- **A convolutional vector field** implements ``sparsekern_convnet(self) ->
+  ConvNetSpec | None`` (``DescribesConvNet``): its ``nn.Conv2d`` layers in order
+  (``ConvSpec``: the convolution and its time mode, "none" or "concat" with the
+  time as the last input channel), the activations and the state's channel
+  count. The fused tier (``sparsekern.fused_conv``) compiles the ``ConvChain``
+  built from it; a layer that changes H or W, or an activation without a kernel,
+  sends the field to the generic tier.
 - **A container** (an ODE function, a flow) implements
   ``sparsekern_fields(self) -> tuple[str, ...]`` (``DeclaresFields``): the names
   of its child modules that are vector fields. ``compile_sparse`` compiles those
@@ -45,6 +52,7 @@ import torch
 from torch import nn
 
 from sparsekern.activations import activation_name
+from sparsekern.conv import conv_geometry
 from sparsekern.field import call_arity
 from sparsekern.masks import CompileError, MaskedTensor, masked_tensor
 
@@ -82,6 +90,44 @@ class MLPSpec:
     layers: Sequence[LinearSpec]
     activations: nn.Module | Sequence[nn.Module]
     in_dim: int
+
+
+ConvTimeMode = Literal["none", "concat"]
+CONV_TIME_MODES: tuple[str, ...] = get_args(ConvTimeMode)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One convolution of a convolutional vector field (``ConvNetSpec``).
+
+    ``conv``: the ``nn.Conv2d`` whose weight pruning masks; stride 1, zero
+    padding (k - 1) / 2 of a square odd kernel, dilation 1, groups 1, so every
+    layer keeps H and W. ``time="concat"``: its *last* input channel is the
+    time, a constant t image (FFJORD's ConcatConv2d; FFJORD puts it first).
+    """
+
+    conv: nn.Conv2d
+    time: ConvTimeMode = "none"
+
+
+@dataclass(frozen=True)
+class ConvNetSpec:
+    """A convolutional vector field: per layer ``a = conv(cat([h, t]) or h)``, ``h = act(a)``
+    except after the last, from ``h = z`` [B, in_channels, H, W] back to in_channels.
+
+    ``activations`` as in ``MLPSpec``.
+    """
+
+    layers: Sequence[ConvSpec]
+    activations: nn.Module | Sequence[nn.Module]
+    in_channels: int
+
+
+@runtime_checkable
+class DescribesConvNet(Protocol):
+    """A module that can describe itself as a convolutional vector field."""
+
+    def sparsekern_convnet(self) -> ConvNetSpec | None: ...
 
 
 @runtime_checkable
@@ -262,18 +308,7 @@ def build_chain(f: nn.Module, spec: MLPSpec, where: str | None = None) -> Chain 
     layers = list(spec.layers)
     if not layers:
         raise CompileError(f"{where} has no layers")
-    # An nn.ModuleList (or a Sequential of activations) is a module too, but a list here.
-    if isinstance(spec.activations, nn.Module) and not isinstance(
-            spec.activations, nn.ModuleList | nn.Sequential):
-        acts = [spec.activations] * (len(layers) - 1)
-    else:
-        acts = list(spec.activations)
-        if len(acts) != len(layers) - 1:
-            raise CompileError(f"{where} has {len(layers)} layers and {len(acts)} activations; "
-                               f"expected {len(layers) - 1} (one per hidden layer) or one module")
-    for a in acts:
-        if not isinstance(a, nn.Module):
-            raise CompileError(f"{where}: activations must be nn.Modules, got {type(a).__name__}")
+    acts = _activation_list(spec, len(layers), where)
     if not isinstance(spec.in_dim, int) or spec.in_dim < 1:
         raise CompileError(f"{where}: in_dim must be a positive int, got {spec.in_dim!r}")
     for i, layer in enumerate(layers):
@@ -309,9 +344,8 @@ def build_chain(f: nn.Module, spec: MLPSpec, where: str | None = None) -> Chain 
     if any(layer.time != "none" for layer in layers) and call_arity(f) == 1:
         raise CompileError(f"{where} has time-dependent layers, but {type(f).__name__} is "
                            "called f(z), without a time")
-    names = [activation_name(a) for a in acts]
-    act = names[0] if names else "identity"
-    if act is None or any(n != act for n in names):
+    act = _fused_activation(acts)
+    if act is None:
         return None  # no fused kernel for it, or two activation types: the generic tier
     name_of = _Names(f, where)
     chain = []
@@ -346,6 +380,131 @@ def recognise_chain(f: nn.Module) -> Chain | None:
 def state_mask(layer: ChainLayer) -> torch.Tensor:
     mask = layer.weight.mask
     return mask[:, :-1] if layer.time == "concat" else mask
+
+
+@dataclass
+class ConvChainLayer:
+    """One convolution of a recognised convolutional field, as masked tensors."""
+
+    name: str
+    weight: MaskedTensor  # [out, in (+1 time channel for concat), k, k]
+    bias: MaskedTensor | None
+    time: str
+    kernel: int
+
+
+@dataclass
+class ConvChain:
+    layers: list[ConvChainLayer]
+    act: str
+    in_channels: int
+
+
+def conv_state_mask(layer: ConvChainLayer) -> torch.Tensor:
+    """[out, state in] channel connectivity: a kept tap anywhere in the kernel."""
+    mask = layer.weight.mask.any(3).any(2)
+    return mask[:, :-1] if layer.time == "concat" else mask
+
+
+def _activation_list(spec: MLPSpec | ConvNetSpec, n_layers: int, where: str) -> list[nn.Module]:
+    # An nn.ModuleList (or a Sequential of activations) is a module too, but a list here.
+    if isinstance(spec.activations, nn.Module) and not isinstance(
+            spec.activations, nn.ModuleList | nn.Sequential):
+        return [spec.activations] * (n_layers - 1)
+    acts = list(spec.activations)
+    if len(acts) != n_layers - 1:
+        raise CompileError(f"{where} has {n_layers} layers and {len(acts)} activations; "
+                           f"expected {n_layers - 1} (one per hidden layer) or one module")
+    for a in acts:
+        if not isinstance(a, nn.Module):
+            raise CompileError(f"{where}: activations must be nn.Modules, got {type(a).__name__}")
+    return acts
+
+
+def _fused_activation(acts: list[nn.Module]) -> str | None:
+    """The one activation type with a fused kernel, else None (the generic tier)."""
+    names = [activation_name(a) for a in acts]
+    act = names[0] if names else "identity"
+    if act is None or any(n != act for n in names):
+        return None
+    return act
+
+
+def fused_conv_geometry(conv: nn.Conv2d) -> str | None:
+    """Why the fused tier cannot run ``conv`` (None: it can): its layers keep H and W."""
+    geometry = conv_geometry(conv)
+    if isinstance(geometry, str):
+        return geometry
+    k = conv.kernel_size[0]
+    if k % 2 != 1 or geometry != (1, k // 2):
+        return f"kernel {k}, (stride, padding) {geometry}: not stride 1 with padding k // 2"
+    return None
+
+
+def describe_convnet(f: nn.Module) -> ConvNetSpec | None:
+    """``f.sparsekern_convnet()`` if f implements it (checked), else None."""
+    if not isinstance(f, DescribesConvNet):
+        return None
+    spec = f.sparsekern_convnet()
+    if spec is not None and not isinstance(spec, ConvNetSpec):
+        raise CompileError(f"{type(f).__name__}.sparsekern_convnet() returned a "
+                           f"{type(spec).__name__}; expected a ConvNetSpec, or None")
+    return spec
+
+
+def build_conv_chain(f: nn.Module, spec: ConvNetSpec) -> ConvChain | None:
+    """The ``ConvChain`` of ``spec`` with f's masks; None where the fused tier cannot run it
+    (an activation without a fused kernel, a layer that changes H or W).
+
+    Raises CompileError on a description that breaks the rules of ``ConvNetSpec``.
+    """
+    where = f"the convolutional description of {type(f).__name__}"
+    layers = list(spec.layers)
+    if not layers:
+        raise CompileError(f"{where} has no layers")
+    acts = _activation_list(spec, len(layers), where)
+    if not isinstance(spec.in_channels, int) or spec.in_channels < 1:
+        raise CompileError(f"{where}: in_channels must be a positive int, "
+                           f"got {spec.in_channels!r}")
+    width = spec.in_channels
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, ConvSpec) or not isinstance(layer.conv, nn.Conv2d):
+            raise CompileError(f"{where}: layer {i} must be a ConvSpec of an nn.Conv2d, got "
+                               f"{type(layer).__name__}")
+        if layer.time not in CONV_TIME_MODES:
+            raise CompileError(f"{where}: layer {i} has time={layer.time!r}; expected one of "
+                               f"{CONV_TIME_MODES}")
+        n_in = layer.conv.in_channels - (layer.time == "concat")
+        if n_in != width:
+            extra = " plus the time channel" if layer.time == "concat" else ""
+            raise CompileError(f"{where}: layer {i} reads {n_in} state channels{extra}, but "
+                               f"{'in_channels is' if i == 0 else 'the layer before gives'} "
+                               f"{width}")
+        width = layer.conv.out_channels
+    if width != spec.in_channels:
+        raise CompileError(f"{where}: the last layer gives {width} channels, but a vector field "
+                           f"maps in_channels={spec.in_channels} back to {spec.in_channels}")
+    if any(layer.time != "none" for layer in layers) and call_arity(f) == 1:
+        raise CompileError(f"{where} has time-dependent layers, but {type(f).__name__} is "
+                           "called f(z), without a time")
+    act = _fused_activation(acts)
+    if act is None or any(fused_conv_geometry(layer.conv) for layer in layers):
+        return None
+    name_of = _Names(f, where)
+    chain = []
+    for i, layer in enumerate(layers):
+        name = name_of(layer.conv, f"layer {i}'s conv")
+        weight = masked_tensor(layer.conv, name, "weight")
+        assert weight is not None  # an nn.Conv2d has a weight
+        bias = masked_tensor(layer.conv, name, "bias", zeros_are_pruned=False)
+        chain.append(ConvChainLayer(name, weight, bias, layer.time, layer.conv.kernel_size[0]))
+    return ConvChain(chain, act, spec.in_channels)
+
+
+def recognise_convnet(f: nn.Module) -> ConvChain | None:
+    """The convolutional structure of ``f`` if the fused tier can compile it, else None."""
+    spec = describe_convnet(f)
+    return None if spec is None else build_conv_chain(f, spec)
 
 
 # -- the engine's own registrations ----------------------------------------------------

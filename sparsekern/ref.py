@@ -26,6 +26,8 @@ forward, W_l^T Mbar_l and Mbar_l X_{l-1}^T backward) are rounded first
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 from sparsekern.activations import act_ref
 from sparsekern.formats import BlockedPattern, CSRPattern, LayerProgram, decode_program
@@ -83,6 +85,106 @@ def sddmm_ref(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch
     counts = (rowptr[1:] - rowptr[:-1]).long()
     rows = torch.repeat_interleave(torch.arange(a.shape[0], device=a.device), counts)
     return (a[rows] * b[col.long()]).sum(1)
+
+
+def _conv_weight(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor,
+                 col_t: torch.Tensor, perm: torch.Tensor, vals: torch.Tensor, kh: int, kw: int
+                 ) -> torch.Tensor:
+    """The dense [C_out, C_in, kh, kw] weight with ``vals`` at the pattern's kept taps."""
+    p = CSRPattern(rowptr, col, rowptr_t, col_t, perm)
+    c_out, taps = p.shape
+    return p.to_dense(vals).view(c_out, taps // (kh * kw), kh, kw)
+
+
+def conv2d_ref(
+    rowptr: torch.Tensor,
+    col: torch.Tensor,
+    rowptr_t: torch.Tensor,
+    col_t: torch.Tensor,
+    perm: torch.Tensor,
+    vals: torch.Tensor,
+    x: torch.Tensor,
+    c_out: int,
+    kh: int,
+    kw: int,
+    stride: int,
+    padding: int,
+) -> torch.Tensor:
+    """The convolution of feature-major x with the pruned weight W [C_out, C_in, kh, kw].
+
+    The pattern is that of W as the matrix [C_out, C_in * kh * kw] (column
+    ``ci * kh * kw + ky * kw + kx`` is one tap), ``vals`` [nnz] its kept values.
+    x: [C_in, N, H, W]. Returns y [C_out, N, Ho, Wo] with
+
+        y[co, n, oy, ox] = sum_e vals[e] x[ci, n, oy s + ky - p, ox s + kx - p]
+
+    (s the stride, p the zero padding): ``F.conv2d`` of the dense weight on
+    x.transpose(0, 1).
+    """
+    w = _conv_weight(rowptr, col, rowptr_t, col_t, perm, vals, kh, kw)
+    n, h, wd = x.shape[1:]
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (wd + 2 * padding - kw) // stride + 1
+    if w.numel() == 0:  # no input or no output channel: F.conv2d refuses an empty weight
+        return x.new_zeros((c_out, n, ho, wo))
+    y = F.conv2d(x.transpose(0, 1), w, None, stride, padding)
+    return y.transpose(0, 1).contiguous()
+
+
+def conv2d_t_ref(
+    rowptr: torch.Tensor,
+    col: torch.Tensor,
+    rowptr_t: torch.Tensor,
+    col_t: torch.Tensor,
+    perm: torch.Tensor,
+    vals: torch.Tensor,
+    g: torch.Tensor,
+    c_in: int,
+    h: int,
+    w: int,
+    kh: int,
+    kw: int,
+    stride: int,
+    padding: int,
+) -> torch.Tensor:
+    """The adjoint of ``conv2d_ref`` w.r.t. x: g [C_out, N, Ho, Wo] -> [C_in, N, h, w].
+
+    ``torch.nn.grad.conv2d_input`` of the dense weight (it picks the output padding
+    that gives h x w when the stride does not divide the input size).
+    """
+    weight = _conv_weight(rowptr, col, rowptr_t, col_t, perm, vals, kh, kw)
+    n = g.shape[1]
+    if weight.numel() == 0 or n == 0:
+        return g.new_zeros((c_in, n, h, w))
+    gx = conv2d_input((n, c_in, h, w), weight, g.transpose(0, 1), stride, padding)
+    return gx.transpose(0, 1).contiguous()
+
+
+def conv2d_wgrad_ref(
+    rowptr: torch.Tensor,
+    col: torch.Tensor,
+    rowptr_t: torch.Tensor,
+    col_t: torch.Tensor,
+    perm: torch.Tensor,
+    g: torch.Tensor,
+    x: torch.Tensor,
+    kh: int,
+    kw: int,
+    stride: int,
+    padding: int,
+) -> torch.Tensor:
+    """The weight gradient of ``conv2d_ref`` at the kept taps: g [C_out, N, Ho, Wo] and
+    x [C_in, N, H, W] -> [nnz], gw[e] = sum_{n, oy, ox} g[co, n, oy, ox]
+    x[ci, n, oy * stride + ky - padding, ox * stride + kx - padding].
+
+    ``torch.nn.grad.conv2d_weight`` (the dense gradient) read at the pattern.
+    """
+    p = CSRPattern(rowptr, col, rowptr_t, col_t, perm)
+    c_out, taps = p.shape
+    if p.nnz == 0 or x.shape[1] == 0:
+        return x.new_zeros((p.nnz,))
+    gw = conv2d_weight(x.transpose(0, 1), (c_out, taps // (kh * kw), kh, kw),
+                       g.transpose(0, 1), stride, padding)
+    return gw.reshape(c_out, taps)[p.rows(), p.col.long()]
 
 
 def _product(layer: LayerProgram, x: torch.Tensor, transpose: bool, precision: str

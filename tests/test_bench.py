@@ -201,7 +201,10 @@ def test_timing_reports_percentiles_and_respects_the_budget():
 
 def test_cli_lists_and_rejects_bad_options(capsys):
     assert bench_main(["--list"]) == 0
-    assert "miniboone/unstructured/0.1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "miniboone/unstructured/0.1" in out and "mnist/unstructured/0.37" in out
+    assert "cifar10/structured/0.5   [no flow metrics]" in out
+    assert "not on the image shapes: converts nn.Linear layers only" in out
     assert bench_main(["--cases", "nosuchshape", "--no-progress"]) == 2
     assert bench_main(["--providers", "nosuch", "--no-progress"]) == 2
 
@@ -239,7 +242,8 @@ def test_readme_performance_table_is_generated_from_the_committed_results():
         "--readme` prints; paste that in")
     # every shape, a subset of the grid (the full grid is in results.md)
     cases = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines()[4:]]
-    assert {c.split("/")[0] for c in cases} == set(SHAPES)
+    # every MLP shape (the committed results predate the image shapes)
+    assert {c.split("/")[0] for c in cases} == {s for s in SHAPES if not SHAPES[s].is_conv}
     assert len(cases) == 25 < len({r["case"] for r in rows}) == 55
     assert readme_table(meta, rows, cases=None).count("\n| ") == 2 + 55
 
@@ -453,3 +457,237 @@ def test_report_checks_torchode_loosely_and_train_solve_nfe_strictly():
     assert consistency_problems(rows) == [
         "c torchode train_solve: outputs differ from dense_eager by 2.00e-02 (relative)",
         "c sparsekern_native train_solve: backward NFE 90 against dense_eager's 80"]
+
+
+# ------------------------------------------------------------------ image (conv) cases
+
+IMAGE_TINY = TimingConfig(budget_s=0.01, warmup=1, min_repeats=3, max_repeats=3,
+                          min_sample_s=1e-4)
+
+
+def _image_case(name):
+    return next(c for c in all_cases() if c.name == name)
+
+
+def test_image_shapes_are_the_first_scale_of_the_multiscale_flows():
+    from bench.cases import IMAGE_SHAPES
+    from bench.report import IMAGE_SHAPES as REPORTED
+    from flows.multiscale import odenet_parameter_count
+    from flows.odenet import ConvODEnet
+    from flows.prune import prunable_layers
+
+    assert tuple(IMAGE_SHAPES) == REPORTED == ("mnist", "cifar10")
+    for name, (c, side) in (("mnist", (1, 28)), ("cifar10", (3, 32))):
+        shape = SHAPES[name]
+        assert shape.is_conv and shape.state_shape == (c, side, side)
+        assert shape.pixels == side * side and shape.blocks == 1 and shape.batch == 200
+        assert (shape.atol, shape.rtol, shape.T, shape.noise) == (1e-5, 1e-5, 1.0, "rademacher")
+        assert shape.label == f"{c}x{side}x{side} conv3x3 64x3 softplus concat x1"
+        net = build_field(Case(shape, "unstructured", 1.0))
+        assert isinstance(net, ConvODEnet) and net.in_shape == (c, side, side)
+        weights = sum(m.weight.numel() for _, m in prunable_layers(net))
+        biases = sum(m.bias.numel() for _, m in prunable_layers(net))
+        assert shape.dense_weights == weights
+        assert weights + biases == odenet_parameter_count(c) == 1162 * c + 75648
+        assert shape.conv_layers == [(64, c + 1, 3), (64, 65, 3), (64, 65, 3), (c, 65, 3)]
+        names = [x.name for x in all_cases() if x.shape is shape]
+        assert names == [f"{name}/unstructured/{d}" for d in ("1", "0.37", "0.2", "0.05")] + [
+            f"{name}/structured/0.5"]
+    assert len(all_cases()) == 65 and not any(c.startswith(("mnist", "cifar10"))
+                                              for c in QUICK_CASES)
+    assert {c.name for c in select(["mnist", "cifar10"])} == {
+        c.name for c in all_cases() if c.shape.is_conv}
+
+
+def test_image_cases_prune_taps_and_filters_and_know_their_flop_ratio():
+    from bench.cases import reduced_weights
+    from sparsekern import SparseConfig, compile_sparse
+    from sparsekern.conv import ConvCore
+
+    mnist = SHAPES["mnist"]
+    net = build_field(_image_case("mnist/unstructured/0.2"))
+    for layer, (o, i, k) in zip(net.layers, mnist.conv_layers, strict=True):
+        assert int(layer.conv.weight_mask.sum()) == round(0.2 * o * i * k * k)
+    net = build_field(_image_case("mnist/structured/0.5"))
+    live = [int(layer.conv.weight_mask.flatten(1).any(1).sum()) for layer in net.layers]
+    assert live == [32, 32, 32, 1]  # half of every hidden layer's filters, never the output
+    # The reduced network is what compile_sparse leaves: 32x1, 32x32, 32x32, 1x32 dense cores
+    assert reduced_weights(net) == 9 * (32 + 32 * 32 + 32 * 32 + 32) == 19008
+    assert mnist.dense_weights / reduced_weights(net) == pytest.approx(4.03, abs=0.01)
+    for name in ("mnist/structured/0.5", "mnist/unstructured/0.05", "cifar10/unstructured/0.2"):
+        net = build_field(_image_case(name))
+        fast = compile_sparse(net, SparseConfig(layout="dense"))
+        cores = [m for m in fast.modules() if isinstance(m, ConvCore)]
+        assert reduced_weights(net) == sum(c.nnz for c in cores), name
+    # MLP fields: the kept weights, unless random masks cut neurons off
+    rnd = build_field(Case(TINY, "unstructured", 0.4))
+    assert reduced_weights(rnd) <= kept_weights(rnd)
+    # Flow metrics: two MNIST cases only
+    assert mnist.flow_metric_reason(_image_case("mnist/unstructured/0.37")) is None
+    assert mnist.flow_metric_reason(_image_case("mnist/unstructured/1")) is None
+    assert "mnist/unstructured/1, mnist/unstructured/0.37 only" in mnist.flow_metric_reason(
+        _image_case("mnist/structured/0.5"))
+    assert "not measured on cifar10" in SHAPES["cifar10"].flow_metric_reason(
+        _image_case("cifar10/unstructured/1"))
+    assert TINY.flow_metric_reason(Case(TINY, "structured", 0.5)) is None
+
+
+def test_image_inputs_are_rademacher_images_and_solve_batches_are_capped():
+    from bench.metrics import make_inputs
+    from bench.runner import solve_batch_of
+
+    inp = make_inputs((3, 4, 5), 6, 2, 1.0, torch.float32, CPU, seed=0, noise="rademacher")
+    assert inp.z.shape == inp.noise.shape == inp.grad_f.shape == (6, 3, 4, 5)
+    assert inp.x.shape == (2, 3, 4, 5) and inp.grad_div.shape == (6,)
+    assert set(inp.noise.unique().tolist()) == {-1.0, 1.0}
+    gauss = make_inputs(TINY.dim, 8, 8, 0.5, torch.float32, CPU, seed=0)
+    assert gauss.z.shape == (8, 3) and len(gauss.noise.unique()) == 24
+    with pytest.raises(ValueError, match="noise"):
+        make_inputs(3, 8, 8, 0.5, torch.float32, CPU, seed=0, noise="uniform")
+    mnist = SHAPES["mnist"]
+    assert solve_batch_of(mnist, 200, Settings(solve_batch=1024)) == 50  # the shape's cap
+    assert solve_batch_of(mnist, 200, Settings(solve_batch=200, shape_solve_batch=False)) == 200
+    assert solve_batch_of(mnist, 200, Settings(solve_batch=None, shape_solve_batch=False)) == 200
+    assert solve_batch_of(mnist, 2, Settings()) == 2
+    assert solve_batch_of(SHAPES["bsds300"], 10000, Settings(solve_batch=1024)) == 1024
+
+
+def test_linear_only_and_flat_state_providers_do_not_run_image_shapes():
+    registry = make_providers()
+    mnist = SHAPES["mnist"]
+    for name in ("torch_csr", "torch_bsr"):
+        assert "nn.Linear layers only" in registry[name].shape_unavailable(mnist)
+    assert "image states" in registry["torchode"].shape_unavailable(mnist)
+    for name, p in registry.items():
+        assert p.shape_unavailable(TINY) is None, name
+        if name not in ("torch_csr", "torch_bsr", "torchode"):
+            assert p.shape_unavailable(mnist) is None, name
+
+
+@pytest.fixture(scope="module")
+def image_rows():
+    """MNIST's dense case with every metric (flow metrics at batch 2) on dense_eager,
+    sparsekern and sparsekern_native (torch_csr and torchode write nothing), and the
+    structured case and 63% on the per-NFE metrics: batch 2, one thread, tiny budget."""
+    registry = make_providers()
+    flow = ["dense_eager", "torch_csr", "sparsekern", "sparsekern_native", "torchode"]
+    flow = [n for n in flow if registry[n].unavailable(CPU) is None]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = run_benchmark([_image_case("mnist/unstructured/1")],
+                             [registry[n] for n in flow],
+                             Settings(metrics=["f_div", "train_step", "solve", "train_solve"],
+                                      timing=IMAGE_TINY, batch=2), progress=False)
+        # sparsekern's csr cores (below 40% kept) need sparsekern::conv2d: dense cores here
+        rows += run_benchmark([_image_case("mnist/structured/0.5"),
+                               _image_case("mnist/unstructured/0.37")],
+                              [registry[n] for n in ("dense_eager", "sparsekern_dense")],
+                              Settings(metrics=["f", "f_div", "train_step", "solve"],
+                                       timing=IMAGE_TINY, batch=2), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def test_an_image_case_runs_end_to_end(image_rows):
+    rows = image_rows
+    for r in rows:
+        assert set(r) == set(ROW_FIELDS)
+        assert r["error"] is None, (r["case"], r["provider"], r["metric"], r["error"])
+        assert r["shape"] == "mnist" and r["batch"] == 2 and r["median_ms"] > 0
+    got = {(r["case"], r["provider"], r["metric"]) for r in rows}
+    dense = "mnist/unstructured/1"
+    assert got == (
+        {(dense, p, m) for p in ("dense_eager", "sparsekern")
+         for m in ("f_div", "train_step", "solve", "train_solve")}
+        | {(dense, "sparsekern_native", m) for m in ("solve", "train_solve")}
+        | {(c, p, m) for c in ("mnist/structured/0.5", "mnist/unstructured/0.37")
+           for p in ("dense_eager", "sparsekern_dense") for m in ("f", "f_div", "train_step")}
+        | {("mnist/unstructured/0.37", p, "solve") for p in ("dense_eager", "sparsekern_dense")}
+        | {(c, "torch.conv2d", "roofline") for c in (dense, "mnist/structured/0.5",
+                                                      "mnist/unstructured/0.37")})
+    assert consistency_problems(rows) == []
+    by = {(r["case"], r["provider"], r["metric"]): r for r in rows}
+    for (case, provider, metric), r in by.items():
+        if provider not in ("dense_eager", "torch.conv2d"):
+            assert r["rel_err"] is not None and r["rel_err"] < 1e-3, (case, provider, metric)
+        k = r["kept_weights"]
+        if metric in ("f", "f_div", "train_step"):  # per kept tap and output pixel
+            per = {"f": 2, "f_div": 4, "train_step": 12}[metric]
+            assert r["flops"] == per * k * 2 * 784
+        if metric == "roofline":
+            assert r["flops"] == 2 * 2 * 784 * SHAPES["mnist"].dense_weights
+            assert r["roofline_fraction"] == 1.0
+        elif metric != "roofline":
+            assert r["roofline_gflops"] == by[(case, "torch.conv2d", "roofline")]["gflops"]
+    train = by[(dense, "sparsekern", "train_solve")]
+    assert train["flops"] == 784 * (4 * 2 * train["kept_weights"] * train["nfe"]
+                                    + 12 * 2 * train["kept_weights"] * train["nfe_backward"])
+    native = by[(dense, "sparsekern_native", "train_solve")]
+    assert native["ode_solver"] == "sparsekern.odeint" and "native" in native["solve_note"]
+    assert native["model_ms"] > 0  # its host loop calls the field's forward_and_divergence
+    for metric in ("solve", "train_solve"):
+        nfes = {(by[(dense, p, metric)]["nfe"], by[(dense, p, metric)]["nfe_backward"])
+                for p in ("dense_eager", "sparsekern", "sparsekern_native")}
+        assert len(nfes) == 1, (metric, nfes)
+    s = by[("mnist/structured/0.5", "sparsekern_dense", "f_div")]
+    assert s["flop_ratio"] == pytest.approx(76617 / 19008)
+    assert s["kept_fraction"] == pytest.approx(19881 / 76617)
+    assert by[(dense, "sparsekern", "f_div")]["layouts"] == ["dense"] * 4
+    assert by[(dense, "sparsekern", "f_div")]["div_impl"] == "fused"
+
+
+def test_image_rows_make_a_report_with_the_image_targets(image_rows, tmp_path):
+    write_report(tmp_path, {"machine": {"cpu_model": "test"}, "complete": True}, image_rows)
+    md = (tmp_path / "results.md").read_text()
+    assert "| mnist/structured/0.5 | 25.9% | 4.03x |" in md
+    assert "F.conv2d on the dense convolutions" in md
+    assert (tmp_path / "speedup_f_div.png").exists()
+
+
+def test_image_targets_are_decided_from_the_rows():
+    from bench.report import image_target_checks, render_markdown
+
+    def row(case, provider, metric, speedup, flop_ratio=None, error=None):
+        r = dict.fromkeys(ROW_FIELDS)
+        r.update(case=case, provider=provider, metric=metric, speedup=speedup,
+                 median_ms=None if error else 1.0, flop_ratio=flop_ratio, error=error)
+        return r
+
+    rows = [row("mnist/unstructured/0.2", "sparsekern", "f_div", 2.5),
+            row("mnist/unstructured/0.05", "sparsekern", "f_div", 3.0),
+            row("mnist/structured/0.5", "sparsekern", "f_div", 3.3, flop_ratio=4.03),
+            row("cifar10/structured/0.5", "sparsekern", "f_div", 3.0, flop_ratio=3.92),
+            row("cifar10/unstructured/0.2", "sparsekern", "f_div", None, error="X: y"),
+            row("mnist/unstructured/0.37", "sparsekern", "train_solve", 1.2),
+            row("mnist/unstructured/0.37", "sparsekern_native", "train_solve", 0.9),
+            row("mnist/unstructured/0.37", "sparsekern", "train_step", 1.5)]
+    got = [(c["case"], c["provider"], c["measured"], c["needed"], c["met"])
+           for c in image_target_checks(rows)]
+    assert got == [
+        ("mnist/unstructured/0.2", "sparsekern", "2.50x", ">= 2.00x", True),
+        ("mnist/unstructured/0.05", "sparsekern", "3.00x", ">= 4.00x", False),
+        ("mnist/structured/0.5", "sparsekern", "3.30x", ">= 3.22x (FLOP ratio 4.03)", True),
+        ("cifar10/structured/0.5", "sparsekern", "3.00x", ">= 3.14x (FLOP ratio 3.92)", False),
+        ("mnist/unstructured/0.37", "sparsekern", "1.20x", "> 1.00x", True),
+        ("mnist/unstructured/0.37", "sparsekern_native", "0.90x", "> 1.00x", False),
+        ("mnist/unstructured/0.37", "sparsekern", "1.50x", "> 1.00x", True)]
+    md = render_markdown({}, rows)
+    assert "## Image-flow speed targets (issue 17" in md
+    assert "| structured 50% of filters: f_div >= 0.8 x FLOP ratio | mnist/structured/0.5 |" in md
+
+
+@pytest.mark.skipif(not hasattr(__import__("sparsekern.ops").ops, "conv2d"),
+                    reason="sparsekern::conv2d (the CSR convolution kernel) has not landed")
+def test_sparsekern_runs_sparse_image_cases_on_its_csr_convolution():
+    registry = make_providers()
+    rows = run_benchmark([_image_case("mnist/unstructured/0.2")],
+                         [registry[n] for n in ("dense_eager", "sparsekern")],
+                         Settings(metrics=["f_div", "train_step"], timing=IMAGE_TINY, batch=2),
+                         progress=False)
+    assert consistency_problems(rows) == []
+    for r in rows:
+        assert r["error"] is None, (r["provider"], r["metric"], r["error"])
+        if r["provider"] == "sparsekern":
+            assert "csr" in r["layouts"] and r["rel_err"] < 1e-3

@@ -252,7 +252,7 @@ def test_explicit_options_override_the_parts_of_quick():
     assert sel.metrics == ["solve"] and sel.providers == ["dense_eager", "sparsekern"]
     # without --quick: everything, the default providers, 1 s
     full = _selection()
-    assert len(full.cases) == len(CASE_BY_NAME) == 55 and full.metrics == list(METRICS)
+    assert len(full.cases) == len(CASE_BY_NAME) == 65 and full.metrics == list(METRICS)
     assert full.providers == resolve_providers(None, CPU, make_providers("inductor"))
     assert full.budget_s == 1.0
     with pytest.raises(ValueError, match="--budget"):
@@ -338,3 +338,45 @@ def test_gpu_check_script_explains_itself_and_refuses_without_a_gpu(tmp_path):
             run = subprocess.run(["bash", str(script), phase], capture_output=True, text=True,
                                  env=env)
             assert run.returncode == 2 and "no CUDA GPU" in run.stderr, phase
+
+
+def test_python_m_bench_runs_image_cases_at_a_test_batch(tmp_path):
+    """``python -m bench --cases mnist/...`` at batch 2: per-NFE metrics on the dense and the
+    structured MNIST case, train_solve on the dense one only (the image shapes' flow
+    metrics run on two cases), torch_csr and torchode not applicable (said, no rows)."""
+    out = tmp_path / "image"
+    cases = ["mnist/unstructured/1", "mnist/structured/0.5"]
+    providers = ["dense_eager", "torch_csr", "sparsekern", "sparsekern_native", "torchode"]
+    proc = _python("-m", "bench", "--cases", *cases, "--providers", *providers, "--metrics",
+                   "f_div", "train_step", "train_solve", "--out", str(out), *TINY,
+                   "--batch", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bench: torch_csr does not run mnist: converts nn.Linear layers only" in proc.stderr
+    meta, rows = load_results(out / "results.json")
+    ran = [p for p in providers if p not in meta["skipped"]]
+    assert "torch_csr" in ran and set(meta["skipped_shapes"]) == {
+        p for p in ("torch_csr", "torchode") if p in ran}
+    assert set(meta["skipped_case_metrics"]) == {"mnist/structured/0.5"}
+    assert "mnist/unstructured/1, mnist/unstructured/0.37 only" in (
+        meta["skipped_case_metrics"]["mnist/structured/0.5"]["train_solve"])
+    got = {(r["case"], r["provider"], r["metric"]) for r in rows}
+    want = {(c, p, m) for c in cases for p in ("dense_eager", "sparsekern")
+            for m in ("f_div", "train_step")}
+    want |= {(cases[0], p, "train_solve") for p in ("dense_eager", "sparsekern",
+                                                     "sparsekern_native")}
+    want |= {(c, "torch.conv2d", "roofline") for c in cases}
+    assert got == want
+    for r in rows:
+        assert set(r) == set(ROW_FIELDS)
+        assert r["error"] is None, (r["case"], r["provider"], r["metric"], r["error"])
+        assert r["batch"] == 2 and r["threads"] == 1 and r["shape"] == "mnist"
+        assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        if r["provider"] not in ("dense_eager", "torch.conv2d"):
+            assert r["rel_err"] < 1e-3 and r["speedup"] > 0
+    md = (out / "results.md").read_text()
+    assert "| mnist/structured/0.5 | 25.9% | 4.03x |" in md
+    assert "## Image-flow speed targets (issue 17" in md
+    assert "Shapes a provider does not run (not applicable): torch_csr: mnist" in md
+    assert "Metrics not measured on a case: mnist/structured/0.5 train_solve" in md
+    assert "Every provider's outputs agree" in md
+    assert (out / "speedup_f_div.png").exists()

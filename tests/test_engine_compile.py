@@ -526,9 +526,11 @@ def test_untraceable_field_is_compiled_by_swapping_its_linears():
 
 
 class ConvField(nn.Module):
+    # Dilated: a convolution the sparse kernels do not run (plain ones compile,
+    # tests/test_conv_engine.py).
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.conv = nn.Conv2d(1, 1, 3, padding=2, dilation=2)
         self.lin = nn.Linear(4, 4)
 
     def forward(self, t, z):
@@ -540,11 +542,11 @@ def test_unsupported_op_on_the_state_path_names_op_and_submodule():
     net = ConvField().double()
     torch_prune.l1_unstructured(net.conv, "weight", amount=0.5)
     net.to(DEVICE)
-    with pytest.raises(CompileError, match=r"Conv2d in submodule 'conv'"):
+    with pytest.raises(CompileError, match=r"Conv2d with dilation \(2, 2\).* in submodule 'conv'"):
         compile_sparse(net)
     with pytest.warns(UserWarning, match="runs dense"):
         fast = compile_sparse(net, SparseConfig(fallback="eager"))
-    assert "Conv2d (conv)" in fast.summary()
+    assert "Conv2d with dilation (2, 2)" in fast.summary()
     gen = torch.Generator().manual_seed(19)
     z, noise = randn((5, 4), gen, torch.float64), randn((5, 4), gen, torch.float64)
     _check_field(net, fast, torch.tensor(0.0, device=DEVICE), z, noise)

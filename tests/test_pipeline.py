@@ -247,7 +247,8 @@ def test_budget_scales_epochs_and_lr_milestones():
 # ---------------------------------------------------------------- structure (issue 15)
 
 ROW_KEYS = [
-    "cycle", "prune_ratio", "kept_fraction", "nonzero_params", "empty_layers", "train_nll",
+    "cycle", "prune_ratio", "kept_fraction", "nonzero_params", "total_params", "empty_layers",
+    "train_nll",
     "val_nll", "test_nll", "nfe_forward", "nfe_backward", "seconds", "prepare_seconds",
     "train_seconds", "eval_seconds", "iters", "kernels", "step_seconds_dense",
     "step_seconds_compiled", "speedup", "step_nfe_dense", "step_nfe_compiled", "not_compiled",

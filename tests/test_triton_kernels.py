@@ -824,9 +824,9 @@ def _kernel_names() -> set[str]:
     """Every launchable Triton kernel (module-level ``*_kernel`` JIT functions)."""
     from triton.runtime.jit import JITFunction
 
-    from sparsekern.triton import k_fused_mlp, k_mlp_layers, k_sddmm, k_spmm
+    from sparsekern.triton import k_conv, k_fused_mlp, k_mlp_layers, k_sddmm, k_spmm
 
-    return {name for mod in (k_spmm, k_sddmm, k_fused_mlp, k_mlp_layers)
+    return {name for mod in (k_spmm, k_sddmm, k_conv, k_fused_mlp, k_mlp_layers)
             for name, obj in vars(mod).items()
             if isinstance(obj, JITFunction) and name.endswith("_kernel")}
 

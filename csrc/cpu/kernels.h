@@ -484,6 +484,20 @@ Tensor spmm_blocked(const Tensor& rowptr, const Tensor& col, const Tensor& rowpt
                     const Tensor& col_t, const Tensor& perm, const Tensor& vals, const Tensor& bptr,
                     const Tensor& bcol, const Tensor& bslot, const Tensor& x);
 
+// Sparse convolutions on feature-major maps [C, N, H, W] (sparse_conv.cpp; contract:
+// sparsekern/ops.py conv2d, conv2d_t, conv2d_wgrad; references: sparsekern/ref.py). The
+// pattern is that of the weight as the matrix [C_out, C_in * kh * kw].
+Tensor conv2d(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t,
+              const Tensor& col_t, const Tensor& perm, const Tensor& vals, const Tensor& x,
+              int64_t c_out, int64_t kh, int64_t kw, int64_t stride, int64_t padding);
+Tensor conv2d_t(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t,
+                const Tensor& col_t, const Tensor& perm, const Tensor& vals, const Tensor& g,
+                int64_t c_in, int64_t h, int64_t w, int64_t kh, int64_t kw, int64_t stride,
+                int64_t padding);
+Tensor conv2d_wgrad(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t,
+                    const Tensor& col_t, const Tensor& perm, const Tensor& g, const Tensor& x,
+                    int64_t kh, int64_t kw, int64_t stride, int64_t padding);
+
 // The CPU products of the shared loops and single ops (csrc/common/mlp_loop.h,
 // sparse_ops.h), for element type T.
 template <typename T>

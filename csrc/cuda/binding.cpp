@@ -1,5 +1,6 @@
-// Torch binding of the CUDA kernels: spmm, spmm_blocked, sddmm, mlp_fwd, mlp_bwd
-// with the signatures of sparsekern/ref.py (the "cuda" backend of sparsekern.ops).
+// Torch binding of the CUDA kernels: spmm, spmm_blocked, sddmm, conv2d, conv2d_t,
+// conv2d_wgrad, mlp_fwd, mlp_bwd with the signatures of sparsekern/ref.py (the "cuda"
+// backend of sparsekern.ops).
 // The kernels are reached through their C ABI (sparsekern_cuda.h) only.
 //
 // Dense products go to cuBLAS (at::mm) with TF32 switched off for the call
@@ -8,7 +9,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../common/mlp_loop.h"
@@ -212,7 +215,166 @@ struct CudaProgram : sparsekern::ProgramState, CudaProducts {
   }
 };
 
+// ------------------------------------------------------------ convolutions
+//
+// The pruned convolution weight [C_out, C_in, kh, kw] as the CSR matrix
+// [C_out, C_in kh kw] (column ci kh kw + ky kw + kx is one tap); maps are
+// feature-major [C, N, H, W] (sparsekern/ops.py conv2d).
+
+constexpr int64_t kConvChannelLimit = int64_t(1) << 31;
+
+// Checks the pattern against `like` (the data's device) and the convolution's
+// parameters; returns the C ABI shape (N, H, W left to the caller).
+sk_conv_shape conv_pattern(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t,
+                           const Tensor& col_t, const Tensor& perm, int64_t kh, int64_t kw,
+                           int64_t stride, int64_t padding, const Tensor& like, const char* op) {
+  TORCH_CHECK(kh >= 1 && kw >= 1, op, ": kernel size must be >= 1, got ", kh, " x ", kw);
+  TORCH_CHECK(stride >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(kh < kConvChannelLimit && kw < kConvChannelLimit &&
+                  kh * kw < kConvChannelLimit && stride < kConvChannelLimit &&
+                  padding < kConvChannelLimit,
+              op, ": kernel ", kh, " x ", kw, ", stride ", stride, " and padding ", padding,
+              " do not fit the kernels' int32 sizes");
+  for (const auto& [t, name] : {std::pair{&rowptr, "rowptr"}, std::pair{&col, "col"},
+                                std::pair{&rowptr_t, "rowptr_t"}, std::pair{&col_t, "col_t"},
+                                std::pair{&perm, "perm"}}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->is_contiguous() &&
+                    t->device() == like.device(),
+                op, ": ", name, " must be a contiguous 1-D int32 tensor on ", like.device(),
+                ", got ", t->scalar_type(), " of shape ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(rowptr.numel() >= 1 && rowptr_t.numel() >= 1, op,
+              ": rowptr and rowptr_t need at least one entry");
+  const int64_t nnz = col.numel();
+  TORCH_CHECK(col_t.numel() == nnz && perm.numel() == nnz, op,
+              ": col, col_t and perm must have one entry per kept tap, got ", nnz, ", ",
+              col_t.numel(), " and ", perm.numel());
+  const int64_t taps = rowptr_t.numel() - 1;
+  TORCH_CHECK(taps % (kh * kw) == 0, op, ": rowptr_t has ", rowptr_t.numel(),
+              " entries, expected C_in * ", kh, " * ", kw, " + 1 (one column per tap)");
+  sk_conv_shape s{};
+  s.c_out = rowptr.numel() - 1;
+  s.c_in = taps / (kh * kw);
+  s.kh = kh, s.kw = kw, s.stride = stride, s.padding = padding;
+  return s;
+}
+
+// A float32/float64 [C, N, H, W] map of `like`'s dtype and device.
+void check_map(const Tensor& t, const char* name, const Tensor& like, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, kWho,
+              " supports float32 and float64; ", name, " is ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device() == like.device(), op, ": ",
+              name, " has dtype ", t.scalar_type(), " on ", t.device(), ", expected ",
+              like.scalar_type(), " on ", like.device());
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [C, N, H, W] (feature-major), got ",
+              t.sizes());
+}
+
+// Fills in N, H, W and checks the output size and the kernels' int32 positions;
+// returns (Ho, Wo).
+std::pair<int64_t, int64_t> conv_sizes(sk_conv_shape& s, int64_t n, int64_t h, int64_t w,
+                                       const char* op) {
+  s.N = n, s.H = h, s.W = w;
+  TORCH_CHECK(h < kConvChannelLimit && w < kConvChannelLimit, op, ": a ", h, " x ", w,
+              " map does not fit the kernels' int32 positions");
+  // Python's floor division: the output size of sparsekern/ops.py, also when negative.
+  const auto out = [&](int64_t size, int64_t k) {
+    const int64_t span = size + 2 * s.padding - k;
+    return (span >= 0 ? span / s.stride : -((-span + s.stride - 1) / s.stride)) + 1;
+  };
+  const int64_t ho = out(h, s.kh), wo = out(w, s.kw);
+  TORCH_CHECK(ho >= 1 && wo >= 1, op, ": a ", h, " x ", w, " input with a ", s.kh, " x ", s.kw,
+              " kernel, stride ", s.stride, " and padding ", s.padding, " has output size ", ho,
+              " x ", wo, "; both must be >= 1");
+  TORCH_CHECK(n * h * w < kConvChannelLimit && n * ho * wo < kConvChannelLimit, op,
+              ": a channel of ", std::max(n * h * w, n * ho * wo),
+              " values (N * H * W) does not fit the kernels' int32 positions");
+  return {ho, wo};
+}
+
+void check_vals(const Tensor& vals, const Tensor& col, const Tensor& like, const char* op) {
+  TORCH_CHECK(vals.scalar_type() == like.scalar_type() && vals.device() == like.device(), op,
+              ": vals has dtype ", vals.scalar_type(), " on ", vals.device(), ", expected ",
+              like.scalar_type(), " on ", like.device());
+  TORCH_CHECK(vals.dim() == 1 && vals.numel() == col.numel(), op, ": vals must have shape [",
+              col.numel(), "] (one value per kept tap), got ", vals.sizes());
+}
+
 }  // namespace
+
+Tensor conv2d(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t,
+              const Tensor& col_t, const Tensor& perm, const Tensor& vals, const Tensor& x,
+              int64_t c_out, int64_t kh, int64_t kw, int64_t stride, int64_t padding) {
+  constexpr const char* kOp = "sparsekern::conv2d";
+  check_cuda(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_map(x, "x", x, kOp);
+  sk_conv_shape s = conv_pattern(rowptr, col, rowptr_t, col_t, perm, kh, kw, stride, padding, x,
+                                 kOp);
+  TORCH_CHECK(s.c_out == c_out, kOp, ": rowptr has ", rowptr.numel(),
+              " entries, expected C_out + 1 = ", c_out + 1);
+  check_vals(vals, col, x, kOp);
+  TORCH_CHECK(x.size(0) == s.c_in, kOp, ": x has ", x.size(0), " channels, the pattern ",
+              s.c_in, " (rowptr_t over C_in * ", kh, " * ", kw, " taps)");
+  const auto [ho, wo] = conv_sizes(s, x.size(1), x.size(2), x.size(3), kOp);
+  const Tensor xc = x.contiguous(), vc = vals.contiguous();
+  Tensor y = at::empty({c_out, x.size(1), ho, wo}, x.options());
+  check(sk_conv2d(dtype_of(x), &s, iptr(rowptr), iptr(col), ptr(vc), ptr(xc), ptr(y), stream()),
+        "conv2d");
+  return y;
+}
+
+Tensor conv2d_t(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t,
+                const Tensor& col_t, const Tensor& perm, const Tensor& vals, const Tensor& g,
+                int64_t c_in, int64_t h, int64_t w, int64_t kh, int64_t kw, int64_t stride,
+                int64_t padding) {
+  constexpr const char* kOp = "sparsekern::conv2d_t";
+  check_cuda(g, "g");
+  const c10::cuda::CUDAGuard guard(g.device());
+  check_map(g, "g", g, kOp);
+  sk_conv_shape s = conv_pattern(rowptr, col, rowptr_t, col_t, perm, kh, kw, stride, padding, g,
+                                 kOp);
+  TORCH_CHECK(s.c_in == c_in, kOp, ": rowptr_t has ", rowptr_t.numel(),
+              " entries, expected C_in * ", kh, " * ", kw, " + 1 = ", c_in * kh * kw + 1);
+  TORCH_CHECK(h >= 0 && w >= 0, kOp, ": the input size must be >= 0, got ", h, " x ", w);
+  check_vals(vals, col, g, kOp);
+  const int64_t n = g.size(1);
+  const auto [ho, wo] = conv_sizes(s, n, h, w, kOp);
+  TORCH_CHECK(g.size(0) == s.c_out && g.size(2) == ho && g.size(3) == wo, kOp, ": g has shape ",
+              g.sizes(), ", expected [", s.c_out, ", ", n, ", ", ho, ", ", wo, "]");
+  const Tensor gc = g.contiguous(), vc = vals.contiguous();
+  Tensor gx = at::empty({c_in, n, h, w}, g.options());
+  check(sk_conv2d_t(dtype_of(g), &s, iptr(rowptr_t), iptr(col_t), iptr(perm), ptr(vc), ptr(gc),
+                    ptr(gx), stream()),
+        "conv2d_t");
+  return gx;
+}
+
+Tensor conv2d_wgrad(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t,
+                    const Tensor& col_t, const Tensor& perm, const Tensor& g, const Tensor& x,
+                    int64_t kh, int64_t kw, int64_t stride, int64_t padding) {
+  constexpr const char* kOp = "sparsekern::conv2d_wgrad";
+  check_cuda(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_map(x, "x", x, kOp);
+  check_map(g, "g", x, kOp);
+  sk_conv_shape s = conv_pattern(rowptr, col, rowptr_t, col_t, perm, kh, kw, stride, padding, x,
+                                 kOp);
+  TORCH_CHECK(x.size(0) == s.c_in, kOp, ": x has ", x.size(0), " channels, the pattern ",
+              s.c_in, " (rowptr_t over C_in * ", kh, " * ", kw, " taps)");
+  const int64_t n = x.size(1);
+  const auto [ho, wo] = conv_sizes(s, n, x.size(2), x.size(3), kOp);
+  TORCH_CHECK(g.size(0) == s.c_out && g.size(1) == n && g.size(2) == ho && g.size(3) == wo, kOp,
+              ": g has shape ", g.sizes(), ", expected [", s.c_out, ", ", n, ", ", ho, ", ", wo,
+              "]");
+  const Tensor gc = g.contiguous(), xc = x.contiguous();
+  Tensor gw = at::empty({col.numel()}, x.options());
+  check(sk_conv2d_wgrad(dtype_of(x), &s, iptr(rowptr), iptr(col), col.numel(), ptr(gc), ptr(xc),
+                        ptr(gw), stream()),
+        "conv2d_wgrad");
+  return gw;
+}
 
 Tensor spmm(const Tensor& rowptr, const Tensor& col, const Tensor& rowptr_t, const Tensor& col_t,
             const Tensor& perm, const Tensor& vals, const Tensor& x, bool transpose) {
@@ -299,6 +461,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bptr"), py::arg("bcol"), py::arg("bslot"), py::arg("x"));
   m.def("sddmm", &sddmm, "(a b^T) at the kept places", py::arg("rowptr"), py::arg("col"),
         py::arg("a"), py::arg("b"));
+  m.def("conv2d", &conv2d, "pruned 2-D convolution of feature-major maps", py::arg("rowptr"),
+        py::arg("col"), py::arg("rowptr_t"), py::arg("col_t"), py::arg("perm"), py::arg("vals"),
+        py::arg("x"), py::arg("c_out"), py::arg("kh"), py::arg("kw"), py::arg("stride"),
+        py::arg("padding"));
+  m.def("conv2d_t", &conv2d_t, "adjoint of conv2d w.r.t. its input", py::arg("rowptr"),
+        py::arg("col"), py::arg("rowptr_t"), py::arg("col_t"), py::arg("perm"), py::arg("vals"),
+        py::arg("g"), py::arg("c_in"), py::arg("h"), py::arg("w"), py::arg("kh"), py::arg("kw"),
+        py::arg("stride"), py::arg("padding"));
+  m.def("conv2d_wgrad", &conv2d_wgrad, "weight gradient of conv2d at the kept taps",
+        py::arg("rowptr"), py::arg("col"), py::arg("rowptr_t"), py::arg("col_t"),
+        py::arg("perm"), py::arg("g"), py::arg("x"), py::arg("kh"), py::arg("kw"),
+        py::arg("stride"), py::arg("padding"));
   m.def("mlp_fwd", &mlp_fwd, "fused MLP forward + JVP", py::arg("x0"), py::arg("tan0"),
         py::arg("probe"), py::arg("values"), py::arg("index"), py::arg("scales"),
         py::arg("shifts"), py::arg("layouts"), py::arg("act"), py::arg("exact"), py::arg("save"),

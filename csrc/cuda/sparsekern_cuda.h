@@ -61,6 +61,37 @@ int sk_csr_sddmm(sk_dtype dtype, const int32_t* rowptr, const int32_t* col,
                  const int32_t* row_order, const void* a, int64_t lda, const void* b, int64_t ldb,
                  void* out, int64_t n_rows, int64_t N, void* stream);
 
+/* Pruned 2-D convolutions on feature-major maps (sparsekern/ref.py conv2d_ref,
+ * conv2d_t_ref, conv2d_wgrad_ref). The weight [c_out, c_in, kh, kw] is the CSR
+ * matrix [c_out, c_in * kh * kw] whose column ci * kh * kw + ky * kw + kx is one
+ * tap (rowptr, col; the stored transpose rowptr_t, col_t, perm). Maps are
+ * contiguous [C, N, H, W]: x [c_in, N, H, W], y and g [c_out, N, Ho, Wo] with
+ * Ho = (H + 2 padding - kh) / stride + 1, Wo likewise; zero padding, dilation 1.
+ * SK_ERR_UNSUPPORTED when a size is negative, kh, kw or stride < 1, padding < 0,
+ * Ho or Wo < 1, or a channel (N * H * W or N * Ho * Wo values) has 2^31 or more. */
+typedef struct sk_conv_shape {
+  int64_t c_out, c_in, N, H, W;
+  int64_t kh, kw, stride, padding;
+} sk_conv_shape;
+
+/* y[co, n, oy, ox] = sum_{k in row co} vals[k] * x[ci, n, oy*stride + ky - padding,
+ * ox*stride + kx - padding] (zero outside the image), col[k] = (ci, ky, kx). */
+int sk_conv2d(sk_dtype dtype, const sk_conv_shape* shape, const int32_t* rowptr,
+              const int32_t* col, const void* vals, const void* x, void* y, void* stream);
+
+/* The adjoint w.r.t. x: gx [c_in, N, H, W] from g [c_out, N, Ho, Wo], reading W
+ * through the stored transpose (its values vals[perm[k]]): no atomics. */
+int sk_conv2d_t(sk_dtype dtype, const sk_conv_shape* shape, const int32_t* rowptr_t,
+                const int32_t* col_t, const int32_t* perm, const void* vals, const void* g,
+                void* gx, void* stream);
+
+/* The weight gradient at the kept taps: gw[k] = sum_{n, oy, ox} g[co, n, oy, ox] *
+ * x[ci, n, oy*stride + ky - padding, ox*stride + kx - padding] for each of the nnz
+ * entries k of row co. Deterministic (fixed-order sums, no atomics). */
+int sk_conv2d_wgrad(sk_dtype dtype, const sk_conv_shape* shape, const int32_t* rowptr,
+                    const int32_t* col, int64_t nnz, const void* g, const void* x, void* gw,
+                    void* stream);
+
 /* Per-layer epilogues of the fused MLP program (sparsekern/ref.py, mlp_fwd_ref).
  * Activation matrices are [n, (1 + K) B] with columns [h | v_1 | ... | v_K];
  * scale may be NULL (no gate); act is an id of sparsekern/activations.py.

@@ -57,8 +57,10 @@ class Spec:
         return sources, headers
 
 
-CPU = Spec("cpu", "cpu", ("sparse_ops.cpp", "fused_mlp.cpp", "rk_solve.cpp", "bindings.cpp"))
-CUDA = Spec("cuda", "cuda", ("binding.cpp", "spmm.cu", "mlp_epilogue.cu", "fused_mlp.cu"))
+CPU = Spec("cpu", "cpu", ("sparse_ops.cpp", "sparse_conv.cpp", "fused_mlp.cpp", "rk_solve.cpp",
+                         "bindings.cpp"))
+CUDA = Spec("cuda", "cuda", ("binding.cpp", "spmm.cu", "sparse_conv.cu", "mlp_epilogue.cu",
+                            "fused_mlp.cu"))
 
 
 def _cpu_features() -> set[str]:

@@ -1,11 +1,14 @@
 """The Triton backend of the op registry (``sparsekern.ops``, backend="triton").
 
-The entry points (spmm, spmm_blocked, sddmm, mlp_fwd, mlp_bwd) have the
-signatures of their references in ``sparsekern.ref`` (without the ``_ref``
-suffix); the MLP ones take a keyword-only ``precision`` (``sparsekern.precision``;
-default "ieee": fp32 products are exact IEEE, as adaptive solvers need). Kernels live in
+The entry points (spmm, spmm_blocked, sddmm, conv2d, conv2d_t, conv2d_wgrad,
+mlp_fwd, mlp_bwd) have the signatures of their references in ``sparsekern.ref``
+(without the ``_ref`` suffix); the MLP ones take a keyword-only ``precision``
+(``sparsekern.precision``; default "ieee": fp32 products are exact IEEE, as adaptive
+solvers need). Kernels live in
 ``k_spmm`` (CSR and blocked x dense), ``k_sddmm`` (weight gradient at the kept
-places), ``k_fused_mlp`` (the fused forward + JVP program and its backward in one
+places), ``k_conv`` (pruned convolutions on feature-major maps: the convolution,
+its input adjoint through the stored transpose, its weight gradient at the kept
+taps), ``k_fused_mlp`` (the fused forward + JVP program and its backward in one
 launch each) and ``k_mlp_layers`` (the same per layer, for sparse or wide layers),
 the last two sharing ``epilogue``'s jit math; ``launch`` holds the launch rules
 and the ahead-of-time signatures. They run compiled on CUDA
@@ -24,8 +27,8 @@ import torch
 if TYPE_CHECKING:
     from sparsekern.triton.launch import AotVariant
 
-__all__ = ["aot_compile", "aot_variants", "available", "interpreting", "mlp_bwd", "mlp_fwd",
-           "sddmm", "spmm", "spmm_blocked"]
+__all__ = ["aot_compile", "aot_variants", "available", "conv2d", "conv2d_t", "conv2d_wgrad",
+           "interpreting", "mlp_bwd", "mlp_fwd", "sddmm", "spmm", "spmm_blocked"]
 
 
 def interpreting() -> bool:
@@ -85,6 +88,58 @@ def sddmm(rowptr: torch.Tensor, col: torch.Tensor, a: torch.Tensor, b: torch.Ten
     from sparsekern.triton import k_sddmm
 
     return k_sddmm.sddmm(rowptr, col, a, b)
+
+
+def conv2d(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor,
+           col_t: torch.Tensor, perm: torch.Tensor, vals: torch.Tensor, x: torch.Tensor,
+           c_out: int, kh: int, kw: int, stride: int, padding: int) -> torch.Tensor:
+    """The pruned convolution of feature-major x: ``sparsekern.ref.conv2d_ref``.
+
+    Args:
+        rowptr, col, rowptr_t, col_t, perm: int32 pattern of the weight as the matrix
+            [C_out, C_in * kh * kw] (column ci * kh * kw + ky * kw + kx is one tap).
+        vals: [nnz] kept values. x: [C_in, N, H, W]. c_out: C_out. kh, kw: kernel
+            size; stride (>= 1), padding (>= 0, zeros): square.
+
+    Returns:
+        A fresh contiguous [C_out, N, Ho, Wo] tensor.
+
+    Raises:
+        TypeError: a dtype other than float32/float64, or index tensors not int32.
+        ValueError: shapes that do not fit the pattern, an output size below 1.
+    """
+    from sparsekern.triton import k_conv
+
+    return k_conv.conv2d(rowptr, col, rowptr_t, col_t, perm, vals, x, c_out, kh, kw, stride,
+                         padding)
+
+
+def conv2d_t(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor,
+             col_t: torch.Tensor, perm: torch.Tensor, vals: torch.Tensor, g: torch.Tensor,
+             c_in: int, h: int, w: int, kh: int, kw: int, stride: int, padding: int
+             ) -> torch.Tensor:
+    """The adjoint of ``conv2d`` w.r.t. its input: ``sparsekern.ref.conv2d_t_ref``.
+
+    g [C_out, N, Ho, Wo] (Ho, Wo those of an h x w input) -> a fresh contiguous
+    [c_in, N, h, w] tensor; W is read through the stored transpose (no atomics).
+    """
+    from sparsekern.triton import k_conv
+
+    return k_conv.conv2d_t(rowptr, col, rowptr_t, col_t, perm, vals, g, c_in, h, w, kh, kw,
+                           stride, padding)
+
+
+def conv2d_wgrad(rowptr: torch.Tensor, col: torch.Tensor, rowptr_t: torch.Tensor,
+                 col_t: torch.Tensor, perm: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
+                 kh: int, kw: int, stride: int, padding: int) -> torch.Tensor:
+    """The weight gradient of ``conv2d`` at the kept taps: ``sparsekern.ref.conv2d_wgrad_ref``.
+
+    g [C_out, N, Ho, Wo], x [C_in, N, H, W] -> a fresh [nnz] tensor in CSR order.
+    """
+    from sparsekern.triton import k_conv
+
+    return k_conv.conv2d_wgrad(rowptr, col, rowptr_t, col_t, perm, g, x, kh, kw, stride,
+                               padding)
 
 
 def mlp_fwd(x0: torch.Tensor, tan0: torch.Tensor, probe: torch.Tensor,
@@ -149,11 +204,12 @@ def aot_variants(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64
             as launched for it on a GPU (float32 only; float64 stays IEEE).
     """
     from sparsekern.activations import ACT_IDS
-    from sparsekern.triton import k_fused_mlp, k_mlp_layers, k_sddmm, k_spmm
+    from sparsekern.triton import k_conv, k_fused_mlp, k_mlp_layers, k_sddmm, k_spmm
 
     acts = (ACT_IDS["tanh"],) if acts is None else acts
     return [v for dtype in dtypes for v in (*k_spmm.aot_variants(dtype),
                                             *k_sddmm.aot_variants(dtype),
+                                            *k_conv.aot_variants(dtype),
                                             *k_fused_mlp.aot_variants(dtype, acts, precision),
                                             *k_mlp_layers.aot_variants(dtype, acts))]
 
