@@ -288,3 +288,15 @@ def test_unsupported_geometry_is_named():
     ensure_masks(net)
     with pytest.raises(CompileError, match=r"Conv2d with dilation \(2, 2\).*'conv'"):
         compile_sparse(net)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "swish"])
+def test_other_activations_take_the_general_epilogue(activation):
+    torch.manual_seed(27)
+    net = ConvODEnet((2, 4, 5), (5,), activation=activation)
+    ensure_masks(net)
+    net = net.to(dtype=torch.float64, device=DEVICE)
+    fast = compile_sparse(net, SparseConfig(layout="csr"))
+    assert isinstance(fast, FusedConvNet) and fast.act == activation
+    t, z, noise = _inputs((2, 4, 5), 3, torch.float64, seed=28)
+    _check_conv_field(net, fast, t, z, noise)
