@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -174,12 +175,15 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _run(args: argparse.Namespace, pruning: bool) -> list[dict[str, Any]]:
+    from flows.distributed import restart_count
     from flows.pipeline import run_pipeline
     from flows.run_report import results_table
 
     config = config_from_args(args, pruning)
     _set_threads(args.threads)
-    rows = run_pipeline(config, args.out, resume=args.resume, progress=not args.no_progress)
+    # torchrun --max-restarts reruns the same command after a lost rank: it resumes.
+    resume = args.resume or restart_count() > 0
+    rows = run_pipeline(config, args.out, resume=resume, progress=not args.no_progress)
     print(results_table(rows, config))
     print(f"results: {Path(args.out) / 'results.json'}, report: {Path(args.out) / 'results.md'}")
     return rows
@@ -525,19 +529,35 @@ def _one_line_warnings(command: str) -> Iterator[None]:
         warnings.showwarning = shown
 
 
+# Commands that run data-parallel under torchrun (flows.distributed).
+DISTRIBUTED_COMMANDS = ("train", "prune", "demo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; 0 on success, 2 (one line on stderr) for bad input or a file problem.
 
     Bad settings, flags and files (``ValueError``: ``SettingError``,
     ``PathError``, ``CheckpointError``, ``DatasetFileError``) and OSErrors
     (a path that cannot be read or written) end in one line naming what is
-    wrong, never a traceback.
+    wrong, never a traceback. Under torchrun (``train``, ``prune``, ``demo``)
+    the line names the rank, only rank 0 prints results, and a rank that
+    loses its peers or disagrees with them ends with one line and exit code 1.
     """
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2)
         return e.code if isinstance(e.code, int) else 2
+    from flows import distributed
+
+    where, clean = "", True
     try:
+        if args.command in DISTRIBUTED_COMMANDS:
+            world = distributed.init_from_env()
+            if world.initialised:
+                where = f" (rank {world.rank} of {world.size})"
+                distributed.stop_on_sigterm()
+            if not world.main:
+                sys.stdout = open(os.devnull, "w")  # rank 0 alone prints the results
         with _one_line_warnings(args.command):
             if args.command in ("train", "prune"):
                 _run(args, pruning=args.command == "prune")
@@ -556,8 +576,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 return run_bench(args, ["sparseflow", *(sys.argv[1:] if argv is None else argv)])
     except (ValueError, OSError) as e:
-        print(f"sparseflow {args.command}: error: {error_line(e)}", file=sys.stderr)
+        print(f"sparseflow {args.command}: error{where}: {error_line(e)}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if isinstance(e, distributed.RankMismatchError):
+            print(f"sparseflow {args.command}: error{where}: {error_line(e)}", file=sys.stderr)
+            return 1
+        if isinstance(e, distributed.StoppedByLauncher):
+            reason = str(e)
+        elif distributed.lost_peer(e):
+            world = distributed.current()
+            other = f"rank {1 - world.rank}" if world.size == 2 else "another rank"
+            reason = f"lost contact with {other} ({error_line(e)})"
+        else:
+            raise
+        clean = False
+        print(
+            f"sparseflow {args.command}: error{where}: {reason}; torchrun's report names the "
+            "rank that failed. Nothing finished is lost: rerun with --resume (any number of "
+            "processes), or let torchrun --max-restarts resume it",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        distributed.shutdown(clean)
     return 0
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from flows.row_noise import draw
+
 NOISE_KINDS = ("gaussian", "rademacher")
 DIVERGENCES = ("hutchinson", "exact")
 
@@ -18,9 +20,10 @@ def sample_noise(like: torch.Tensor, kind: str = "gaussian") -> torch.Tensor:
     Args:
         like: [B, ...] tensor whose shape, dtype and device the noise takes.
         kind: "gaussian" (standard normal) or "rademacher" (+-1 with equal odds).
+
+    Drawn per sample row inside ``flows.row_noise.per_row_noise`` (training and
+    evaluation), from the global RNG elsewhere.
     """
-    if kind == "gaussian":
-        return torch.randn_like(like)
-    if kind == "rademacher":
-        return torch.randint_like(like, low=0, high=2).mul_(2).sub_(1)
-    raise ValueError(f"noise={kind!r} is not supported; expected one of {NOISE_KINDS}")
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise={kind!r} is not supported; expected one of {NOISE_KINDS}")
+    return draw(like, kind)

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from flows.row_noise import draw
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -39,7 +41,7 @@ def dequantize(
     """
     if levels < 2:
         raise ValueError(f"levels must be >= 2, got {levels}")
-    u = torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    u = draw(x, "uniform", generator)  # per sample row inside flows.row_noise.per_row_noise
     return (x + u) / levels
 
 

@@ -53,6 +53,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from flows import distributed
 from flows.checkpoint import check_output_dir, save_atomic
 from flows.cnf import CNF, Flow, SequentialFlow
 from flows.datasets import (
@@ -87,7 +88,7 @@ from flows.rundir import (
     write_run_config,
 )
 from flows.settings import check_config
-from flows.train import TrainConfig, evaluate_nll, fit
+from flows.train import TrainConfig, fit, nll_sum
 from sparsekern import write_back
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -179,6 +180,8 @@ def build_model(config: ConfigLike, data: RunData) -> nn.Module:
         "rtol": m.rtol,
         "adjoint": m.adjoint,
     }
+    if m.step_size is not None:
+        solver["solver_options"] = {"step_size": m.step_size}
     hidden = list(m.hidden)
     if c.task == "classification":
         n_classes = int(data.y_train.max()) + 1
@@ -256,28 +259,33 @@ class Task:
 
         Returns {"nll": ...} (nats, bits/dim for images, cross-entropy for
         classification) and "accuracy" for classification. Deterministic: the
-        exact trace where configured, else Hutchinson with a fixed seed.
+        exact trace where configured, else Hutchinson with probes fixed per row.
+        Under torchrun every rank evaluates its share of the rows and the sums
+        are reduced (``flows.distributed``); every rank returns the same metrics.
         """
         x = getattr(self.data, split)
         y = getattr(self.data, f"y_{split}")
         if limit is not None:
             x = x[:limit]
             y = None if y is None else y[:limit]
+        n = x.shape[0]
+        part = distributed.current().rows(n)
         model.eval()
         if self.classification:
-            logits = torch.cat([model(x[i : i + 4096]) for i in range(0, x.shape[0], 4096)])
-            return {
-                "nll": nn.functional.cross_entropy(logits, y).item(),
-                "accuracy": (logits.argmax(1) == y).double().mean().item(),
-            }
-        rng = torch.get_rng_state()
-        torch.manual_seed(12345)  # the same Hutchinson probes at every evaluation
-        try:
-            if self.images:
-                x = dequantize(x, self.data.levels, generator=torch.Generator().manual_seed(12345))
-            nll = evaluate_nll(model, x, batch_size=2048, exact=self.run_config.eval.exact)
-        finally:
-            torch.set_rng_state(rng)
+            xs, ys = x[part], y[part]
+            sums = [0.0, 0.0]
+            if xs.shape[0]:
+                logits = torch.cat([model(xs[i : i + 4096]) for i in range(0, xs.shape[0], 4096)])
+                sums = [nn.functional.cross_entropy(logits, ys, reduction="sum").item(),
+                        float((logits.argmax(1) == ys).sum())]
+            ce, correct = distributed.gather(sums).sum(0).tolist()
+            return {"nll": ce / n, "accuracy": correct / n}
+        if self.images:
+            # The whole split is dequantised with one fixed generator, then shared out.
+            x = dequantize(x, self.data.levels, generator=torch.Generator().manual_seed(12345))
+        total = nll_sum(model, x[part], batch_size=2048, exact=self.run_config.eval.exact,
+                        rows=part, total=n)
+        nll = float(distributed.gather([total]).sum()) / n
         if self.images:
             nll = bits_per_dim(torch.tensor(-nll), self.dims, self.data.levels).item()
         return {"nll": nll}
@@ -421,7 +429,13 @@ def run_cycle(
     torch.manual_seed(run.seed * 7919 + cycle)
     t_start = time.perf_counter()
     if cycle > 0:
+        # Every rank prunes rank 0's weights with the same seed; the masks must agree.
+        distributed.broadcast_module_(model)
         prune_(model, config.prune.prune_ratio, run.method)
+        distributed.check_same_on_ranks(
+            {k: b for k, b in model.named_buffers() if k.endswith("_mask")},
+            f"the masks after pruning cycle {cycle}",
+        )
     cfg = train_config(config, task.data.train.shape[0], cycle)
     # Train and evaluate on compiled kernels (kept values only), or on the
     # dense masked model itself.
@@ -456,6 +470,16 @@ def run_cycle(
         speed = measure_speedup(model, work, task.loss, task.train_tensors, cfg.batch_size,
                                 run.speedup_steps, seed=cfg.seed)
     s = sparsity(model)
+    last = history[-1]
+    per_rank = {
+        key: {"mean": last[key], "max": last.get(f"{key}_max", last[key])}
+        for key in ("nfe_forward", "nfe_backward")
+    }
+    # Timing is each rank's own; the row holds the ranks' mean, per_rank the max too.
+    per_rank.update(distributed.mean_and_max(
+        [t_prepare, t_train, t_eval], ("prepare_seconds", "train_seconds", "eval_seconds")))
+    t_prepare, t_train, t_eval = (per_rank[k]["mean"] for k in
+                                  ("prepare_seconds", "train_seconds", "eval_seconds"))
     row: dict[str, Any] = {
         "cycle": cycle,
         "prune_ratio": s["prune_ratio"],
@@ -468,8 +492,8 @@ def run_cycle(
         "train_nll": metrics["train"]["nll"],
         "val_nll": metrics["val"]["nll"],
         "test_nll": metrics["test"]["nll"],
-        "nfe_forward": history[-1]["nfe_forward"],
-        "nfe_backward": history[-1]["nfe_backward"],
+        "nfe_forward": last["nfe_forward"],
+        "nfe_backward": last["nfe_backward"],
         "seconds": t_prepare + t_train + t_eval,
         "prepare_seconds": t_prepare,
         "train_seconds": t_train,
@@ -477,6 +501,8 @@ def run_cycle(
         "iters": cfg.iters,
         "kernels": run.kernels,
         **speed,
+        "world_size": distributed.current().size,
+        "per_rank": per_rank,
     }
     if compiled:
         row["not_compiled"] = dense_ops
@@ -522,6 +548,7 @@ def run_pipeline(
     # Everything is checked (settings, the directory, earlier files, the data)
     # before anything is written, so bad input leaves the directory as it was.
     c = as_run_config(config)
+    world = distributed.current()
     out = check_output_dir(out, "run directory")
     rows = read_results(out)
     check_same_run(out, c, len(rows), resume)
@@ -532,13 +559,19 @@ def run_pipeline(
     # A warm start replaces the training of cycle 0, so only a run that starts there uses it.
     warm_path = Path(warm_start) if warm_start and not rows else None
     warm = load_model_checkpoint(warm_path) if warm_path is not None else None
-    data = load_run_data(c)
+    data = _on_device(load_run_data(c), world.device)
+    # The global batch must share out evenly before anything is written.
+    distributed.per_rank_batch(min(c.train.batch_size, data.train.shape[0]), world)
     torch.manual_seed(c.run.seed)  # the initial weights belong to the run's seed
     model = build_model(c, data)
     if last_path is not None and last is not None:
         load_state_checked(model, last["model"], last_path, config_path(out))
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, c)
+    model.to(world.device)
+    # Every rank has checked the directory before rank 0 writes to it.
+    distributed.barrier()
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_config(out, c)
     task = Task(c, data)
     if rows and _stop_reason(c, rows):
         return rows
@@ -549,7 +582,7 @@ def run_pipeline(
         total=c.run.cycles + 1,
         initial=len(rows),
         desc=f"{c.run.dataset} {c.run.method}",
-        disable=not progress,
+        disable=not progress or not world.main,
         dynamic_ncols=True,
     )
     cycle = len(rows)
@@ -564,21 +597,35 @@ def run_pipeline(
             warm_history=warm["history"] if warm is not None and cycle == 0 else None,
             progress=progress,
         )
-        save_atomic(
-            {"model": model.state_dict(), "row": row, "history": history, "config": c.to_dict()},
-            cycle_checkpoint(out, cycle),
-        )
         rows.append(row)
-        write_results(out, rows)
-        train_checkpoint(out, cycle).unlink(missing_ok=True)
+        if world.main:
+            save_atomic(
+                {"model": model.state_dict(), "row": row, "history": history,
+                 "config": c.to_dict()},
+                cycle_checkpoint(out, cycle),
+            )
+            write_results(out, rows)
+            train_checkpoint(out, cycle).unlink(missing_ok=True)
+        distributed.barrier()
         bar.update(1)
         bar.set_postfix(ratio=f"{row['prune_ratio']:.2f}", val=f"{row['val_nll']:.3f}")
         if _stop_reason(c, rows):
             break
         cycle += 1
     bar.close()
-    _write_report(out, c, data, plots)
+    if world.main:
+        _write_report(out, c, data, plots)
+    distributed.barrier()
     return rows
+
+
+def _on_device(data: RunData, device: torch.device) -> RunData:
+    """``data`` with its tensors on ``device`` (a rank's GPU under torchrun)."""
+    if device.type == "cpu":
+        return data
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+             for k, v in vars(data).items()}
+    return RunData(**moved)
 
 
 def _write_report(out: Path, config: RunConfig, data: RunData, plots: bool) -> None:

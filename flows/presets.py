@@ -54,6 +54,7 @@ def _toy(
             "divergence": "hutchinson",
             "noise": "gaussian",
             "solver": "dopri5",
+            "step_size": None,  # fixed-step solvers only (rk4, euler, ...)
             "atol": tol,
             "rtol": tol,
             "adjoint": True,
@@ -89,6 +90,7 @@ def _tabular(hidden, activation, blocks, epochs, batch, milestones, pr):
             "divergence": "hutchinson",
             "noise": "gaussian",
             "solver": "dopri5",
+            "step_size": None,  # fixed-step solvers only (rk4, euler, ...)
             "atol": 1e-8,
             "rtol": 1e-6,
             "adjoint": True,
@@ -126,6 +128,7 @@ def _image(hidden=(64, 64, 64), epochs=50, milestones=(45,)):
             "divergence": "hutchinson",
             "noise": "rademacher",
             "solver": "dopri5",
+            "step_size": None,  # fixed-step solvers only (rk4, euler, ...)
             "atol": 1e-5,
             "rtol": 1e-5,
             "adjoint": True,

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from flows.odefunc import FIXED_STEP_SOLVERS
 from flows.presets import PRESETS, get_preset
-from flows.settings import check_config
+from flows.settings import SettingError, check_config
 
 # ---------------------------------------------------------------- the run configuration
 
@@ -88,6 +89,7 @@ class ModelSettings(_Section):
     divergence: Divergence
     noise: NoiseKind
     solver: Solver
+    step_size: float | None = None  # the step of a fixed-step solver (required there)
     atol: float
     rtol: float
     adjoint: bool
@@ -177,6 +179,13 @@ def validate_config(config: Any) -> None:
             f"run.dataset={dataset!r} is invalid: expected one of {', '.join(sorted(PRESETS))}"
         )
     check_config(config, reference_config(dataset))
+    model = config["model"]
+    if model["solver"] in FIXED_STEP_SOLVERS and model["step_size"] is None:
+        raise SettingError(
+            "model.step_size", None,
+            f"a step size > 0 for the fixed-step solver {model['solver']!r} "
+            "(e.g. --set model.step_size=0.05)",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -91,6 +91,9 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no run in {run_dir}: {path} not found")
     config = read_json(path, "run configuration")
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict):
+        model.setdefault("step_size", None)  # runs written before model.step_size existed
     try:
         validate_config(config)
     except ValueError as e:

@@ -191,6 +191,7 @@ SCHEMA: dict[str, Setting] = {
     "model.divergence": Setting("choice", choices=DIVERGENCES),
     "model.noise": Setting("choice", choices=NOISE_KINDS),
     "model.solver": Setting("choice", choices=SOLVERS),
+    "model.step_size": _pos_float(nullable=True),
     "model.atol": _pos_float(),
     "model.rtol": _pos_float(),
     "model.adjoint": Setting("bool"),

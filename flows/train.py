@@ -14,11 +14,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from flows import distributed
 from flows.checkpoint import load_checkpoint, save_atomic
 from flows.cnf import Flow
 from flows.likelihood import nll_nats
 from flows.odefunc import exact_divergence
 from flows.prune import apply_masks_, has_masks, mask_gradients_
+from flows.row_noise import mix_seed, per_row_noise
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
@@ -57,13 +59,36 @@ def evaluate_nll(flow: Flow, x: torch.Tensor, batch_size: int = 4096, exact: boo
     """
     if x.shape[0] == 0:
         raise ValueError("evaluate_nll needs at least one sample")
+    return nll_sum(flow, x, batch_size, exact) / x.shape[0]
+
+
+@torch.no_grad()
+def nll_sum(
+    flow: Flow,
+    x: torch.Tensor,
+    batch_size: int = 4096,
+    exact: bool = True,
+    rows: slice | None = None,
+    total: int | None = None,
+    seed: int = 12345,
+) -> float:
+    """Sum of -log p (nats) over x [N, ...], rows ``rows`` of a split of ``total`` rows.
+
+    Hutchinson probes (``exact=False``) are drawn per row of the split from
+    ``seed`` (``flows.row_noise``), so the sum over shards evaluated by several
+    ranks is the one-process sum. Default: x is the whole split. 0 for N = 0.
+    """
+    first = 0 if rows is None else rows.start or 0
+    total = x.shape[0] if total is None else total
     ctx = exact_divergence(flow) if exact else contextlib.nullcontext()
-    total = 0.0
+    out = 0.0
     with ctx:
         for i in range(0, x.shape[0], batch_size):
             xb = x[i : i + batch_size]
-            total += -flow.log_prob(xb).sum().item()
-    return total / x.shape[0]
+            lo = first + i
+            with per_row_noise(seed, slice(lo, lo + xb.shape[0]), total):
+                out += -flow.log_prob(xb).sum().item()
+    return out
 
 
 def make_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
@@ -112,6 +137,10 @@ def fit(
         raise ValueError("training data is empty")
     if any(t.shape[0] != n for t in data):
         raise ValueError(f"data tensors disagree on N: {[t.shape[0] for t in data]}")
+    world = distributed.current()
+    batch = min(config.batch_size, n)
+    per_rank = distributed.per_rank_batch(batch, world)
+    shard = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
     opt = make_optimizer(model.parameters(), config)
     sched = torch.optim.lr_scheduler.MultiStepLR(
         opt, milestones=list(config.lr_milestones), gamma=config.lr_gamma
@@ -134,7 +163,9 @@ def fit(
         history, start = state["history"], state["iter"]
 
     def save(it: int) -> None:
-        if checkpoint is not None:
+        # Nothing in the checkpoint belongs to a rank (batches and noise come from
+        # the config's seed), so a run resumes on any number of processes.
+        if checkpoint is not None and world.main:
             save_atomic(
                 {
                     "model": model.state_dict(),
@@ -150,40 +181,46 @@ def fit(
             )
 
     masked = has_masks(model)
+    # Under torchrun the objective is DDP-wrapped (gradients averaged over ranks).
+    objective = distributed.data_parallel(model, loss_fn)
     model.train()
     bar = tqdm(
         range(start, config.iters),
         initial=start,
         total=config.iters,
-        disable=not progress,
+        disable=not progress or not world.main,
         desc=desc,
         dynamic_ncols=True,
         leave=False,
     )
     for it in bar:
         t0 = time.perf_counter()
-        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=gen)
-        loss = loss_fn(model, tuple(t[idx] for t in data))
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss became {loss.item()} at iteration {it + 1}")
+        # Every rank draws the same global batch and keeps its rows of it; the
+        # noise of a row depends on (seed, step) and the row, not on the rank.
+        idx = torch.randint(0, n, (batch,), generator=gen)[shard]
+        with per_row_noise(mix_seed(config.seed, it), shard, batch):
+            loss = objective(*(t[idx] for t in data))
+        # Every rank sees every rank's loss before the backward: a rank that
+        # stopped alone would leave the others waiting in DDP's all-reduce.
+        losses = distributed.gather([loss.item()])[:, 0]
+        if not bool(torch.isfinite(losses).all()):
+            bad = [r for r in range(world.size) if not math.isfinite(losses[r])]
+            where = f" on rank(s) {', '.join(map(str, bad))}" if world.size > 1 else ""
+            raise FloatingPointError(
+                f"training loss became {losses[bad[0]].item()} at iteration {it + 1}{where}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if masked:
             mask_gradients_(model)
-        row = {
-            "iter": it + 1,
-            "train_loss": loss.item(),
-            "lr": opt.param_groups[0]["lr"],
-            "nfe_forward": float(getattr(model, "nfe_forward", 0)),
-            "nfe_backward": float(getattr(model, "nfe_backward", 0)),
-        }
+        nfe = (float(getattr(model, "nfe_forward", 0)), float(getattr(model, "nfe_backward", 0)))
+        lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         if masked:
             # Adam's moments and decoupled weight decay could still nudge a
             # pruned weight off zero by rounding; re-applying keeps it exact.
             apply_masks_(model)
-        row["seconds"] = time.perf_counter() - t0
+        row = _step_row(it, losses, lr, nfe, time.perf_counter() - t0, world)
         if evaluate is not None and ((it + 1) % config.eval_every == 0 or it + 1 == config.iters):
             model.eval()
             with torch.no_grad():
@@ -195,6 +232,23 @@ def fit(
             save(it + 1)
     model.eval()
     return history
+
+
+def _step_row(
+    it: int, losses: torch.Tensor, lr: float, nfe: tuple[float, float], seconds: float,
+    world: distributed.World,
+) -> dict[str, float]:
+    """One history row from every rank's loss [W]; over several ranks the loss is the
+    global batch's (the mean of the ranks' equal shards), NFE and seconds the ranks'
+    mean with their max beside."""
+    row = {"iter": it + 1, "train_loss": float(losses.mean()), "lr": lr,
+           "nfe_forward": nfe[0], "nfe_backward": nfe[1], "seconds": seconds}
+    if world.size > 1:
+        g = distributed.gather([*nfe, seconds])
+        for i, key in enumerate(("nfe_forward", "nfe_backward", "seconds")):
+            row[key] = float(g[:, i].mean())
+            row[f"{key}_max"] = float(g[:, i].max())
+    return row
 
 
 def density_loss(flow: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -196,7 +196,7 @@ def test_demo_continues_an_interrupted_demo(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *flags]) == 0
     drop = {"seconds", "prepare_seconds", "train_seconds", "eval_seconds", "step_seconds_dense",
-            "step_seconds_compiled", "speedup"}
+            "step_seconds_compiled", "speedup", "per_rank"}
 
     def rows(m):
         return [

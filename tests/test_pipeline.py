@@ -39,7 +39,7 @@ def tiny(dataset="gaussians", **run):
 
 def strip(rows):
     drop = {"seconds", "prepare_seconds", "train_seconds", "eval_seconds", "step_seconds_dense",
-            "step_seconds_compiled", "speedup"}
+            "step_seconds_compiled", "speedup", "per_rank"}
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
@@ -251,7 +251,8 @@ ROW_KEYS = [
     "train_nll",
     "val_nll", "test_nll", "nfe_forward", "nfe_backward", "seconds", "prepare_seconds",
     "train_seconds", "eval_seconds", "iters", "kernels", "step_seconds_dense",
-    "step_seconds_compiled", "speedup", "step_nfe_dense", "step_nfe_compiled", "not_compiled",
+    "step_seconds_compiled", "speedup", "step_nfe_dense", "step_nfe_compiled", "world_size",
+    "per_rank", "not_compiled",
 ]
 
 
