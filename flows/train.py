@@ -139,8 +139,8 @@ def fit(
         raise ValueError(f"data tensors disagree on N: {[t.shape[0] for t in data]}")
     world = distributed.current()
     batch = min(config.batch_size, n)
-    per_rank = distributed.per_rank_batch(batch, world)
-    shard = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
+    distributed.per_rank_batch(batch, world)  # refuses a batch that does not share out
+    shard = world.rows(batch)
     opt = make_optimizer(model.parameters(), config)
     sched = torch.optim.lr_scheduler.MultiStepLR(
         opt, milestones=list(config.lr_milestones), gamma=config.lr_gamma
